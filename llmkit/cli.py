@@ -1,0 +1,144 @@
+"""The `llmkit` command: thin Typer commands that load a recipe and call a task's run().
+
+Heavy libraries (torch, transformers, datasets) are imported inside the commands, so that
+`llmkit --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from llmkit.errors import Interrupted, LlmkitError
+
+app = typer.Typer(
+    help="From raw text to a trained, compressed, evaluated language model.\n\n"
+         "Quick start: llmkit pretrain pretrain-zh-tiny",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+recipe_app = typer.Typer(help="List, copy, check and show recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+debug_mode = {"on": False}
+
+RecipeArg = typer.Argument(..., help="Recipe file, or the name of a shipped recipe (see `llmkit recipe list`).")
+SetOpt = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
+                      help="Override a recipe key, e.g. --set train.learning_rate=3e-4 (repeatable).")
+
+
+@app.callback()
+def main_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
+    debug_mode["on"] = debug
+
+
+@contextlib.contextmanager
+def reporting_errors() -> Iterator[None]:
+    """Expected failures become one line on stderr and a stable exit status."""
+    from llmkit.console import error_console
+
+    try:
+        yield
+    except LlmkitError as error:
+        if debug_mode["on"]:
+            raise
+        error_console.print(f"error: {error}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    except Interrupted as stop:
+        error_console.print(f"stopped: {stop}", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        error_console.print("stopped by Ctrl-C", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except Exception as error:  # noqa: BLE001 - anything else is a failure, shown without traceback
+        if debug_mode["on"]:
+            raise
+        error_console.print(f"failed: {type(error).__name__}: {error} (run with --debug for the traceback)",
+                            markup=False)
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command(epilog="Examples:\n\n  llmkit pretrain pretrain-zh-tiny\n\n"
+                    "  llmkit pretrain recipes/pretrain-zh-small.toml --set train.max_steps=100 --overwrite\n\n"
+                    "  torchrun --nproc_per_node 2 -m llmkit pretrain pretrain-zh-tiny")
+def pretrain(recipe: str = RecipeArg, sets: List[str] = SetOpt,
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+             resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest checkpoint.")):
+    """Train a tokenizer and a causal or masked language model from scratch, or continue one."""
+    with reporting_errors():
+        from llmkit.recipe import load_recipe
+
+        settings = load_recipe(recipe, sets)
+        from llmkit import pretrain as task
+
+        task.run(settings, overwrite=overwrite, resume=resume)
+
+
+def not_built(command: str, issue: int) -> None:
+    from llmkit.console import error_console
+
+    error_console.print(f"llmkit {command} is not built yet (issue #{issue}); `llmkit pretrain` is available now.",
+                        markup=False)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+UNBUILT = {"finetune": (4, "Adapt a model to a task (full, LoRA, QLoRA, prompt tuning)."),
+           "quantize": (7, "Compress a model and report what it cost."),
+           "generate": (3, "Write text with a trained model, streaming."),
+           "eval": (3, "Score models side by side.")}
+for _name, (_issue, _help) in UNBUILT.items():
+    app.command(_name, help=f"{_help} (not built yet: issue #{_issue})",
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+        lambda name=_name, issue=_issue: not_built(name, issue))
+
+
+@recipe_app.command("list")
+def recipe_list():
+    """List the shipped recipes."""
+    from llmkit.recipe import recipe_summary, shipped_recipe_names, shipped_recipes_dir
+
+    for name in shipped_recipe_names():
+        typer.echo(f"{name:24} {recipe_summary(shipped_recipes_dir() / f'{name}.toml')}")
+
+
+@recipe_app.command("copy")
+def recipe_copy(name: str = typer.Argument(..., help="Shipped recipe name."),
+                destination: Path = typer.Argument(Path("."), help="File or folder to copy to."),
+                overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file.")):
+    """Copy a shipped recipe to edit it."""
+    with reporting_errors():
+        from llmkit.recipe import copy_recipe
+
+        typer.echo(f"copied to {copy_recipe(name, destination, overwrite)}")
+
+
+@recipe_app.command("check")
+def recipe_check(recipe: str = RecipeArg, sets: List[str] = SetOpt):
+    """Validate a recipe without running it."""
+    with reporting_errors():
+        from llmkit.recipe import load_recipe
+
+        load_recipe(recipe, sets)
+        typer.echo(f"{recipe}: ok")
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: Optional[str] = typer.Argument(None, help="Recipe file or shipped name; none = defaults."),
+                sets: List[str] = SetOpt,
+                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML.")):
+    """Print the fully resolved recipe (defaults, extends and overrides applied)."""
+    with reporting_errors():
+        from llmkit.recipe import load_recipe, recipe_to_dict, recipe_to_toml
+
+        settings = load_recipe(recipe, sets)
+        typer.echo(json.dumps(recipe_to_dict(settings), ensure_ascii=False, indent=2) if as_json
+                   else recipe_to_toml(settings))
+
+
+def main() -> None:
+    app(prog_name="llmkit")

@@ -1,0 +1,191 @@
+"""Text data shared by every command: read documents, split, tokenize and pack into blocks.
+
+Sources: a built-in corpus (llmkit.corpora), a local .txt/.jsonl/.csv/.parquet file or a folder of
+them, or a Hugging Face hub dataset name. Documents keep their order, so the validation split (the
+last fraction of the text) is the same on every run and machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmkit.corpora import BUILTIN_CORPORA
+from llmkit.errors import LlmkitError
+from llmkit.settings import DataSettings
+
+SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+
+
+@dataclass
+class TextSplits:
+    train: list[str]
+    validation: list[str]
+    fingerprint: str  # sha256 of the documents, recorded with every run
+
+    @property
+    def validation_chars(self) -> int:
+        return count_chars(self.validation)
+
+
+def count_chars(documents: list[str]) -> int:
+    """Characters of the text, counting one separator (line break) per document."""
+    return sum(len(doc) + 1 for doc in documents)
+
+
+def load_text_splits(settings: DataSettings) -> TextSplits:
+    documents = load_documents(settings.source, settings)
+    if settings.max_documents:
+        documents = documents[: settings.max_documents]
+    if settings.validation_source:
+        train, validation = documents, load_documents(settings.validation_source, settings)
+    else:
+        train, validation = split_documents(documents, settings.validation_fraction)
+    if not train or not validation:
+        raise LlmkitError(f"data.source {settings.source}: too little text to hold out a validation split "
+                          f"({len(documents)} documents)")
+    return TextSplits(train, validation, fingerprint(train + validation))
+
+
+def split_documents(documents: list[str], validation_fraction: float) -> tuple[list[str], list[str]]:
+    """Train = the first (1 - fraction) of the characters; validation = the rest, whole documents."""
+    target = count_chars(documents) * (1 - validation_fraction)
+    seen = 0
+    for index, doc in enumerate(documents):
+        seen += len(doc) + 1
+        if seen >= target:
+            return documents[: index + 1], documents[index + 1:]
+    return documents, []
+
+
+def fingerprint(documents: list[str]) -> str:
+    digest = hashlib.sha256()
+    for doc in documents:
+        digest.update(doc.encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def load_documents(source: str, settings: DataSettings) -> list[str]:
+    """All non-empty documents of a source, in order."""
+    if source in BUILTIN_CORPORA:
+        documents = BUILTIN_CORPORA[source]()
+    elif Path(source).exists():
+        documents = [doc for path in data_files(Path(source)) for doc in read_file(path, settings)]
+    elif "/" in source and not source.startswith((".", "/")):
+        documents = read_hub_dataset(source, settings)
+    else:
+        raise LlmkitError(f"data source not found: {source} (expected a file, a folder, a hub dataset "
+                          f"'owner/name', or a built-in corpus: {', '.join(BUILTIN_CORPORA)})")
+    documents = [doc for doc in documents if doc.strip()]
+    if not documents:
+        raise LlmkitError(f"data source {source} holds no text")
+    return documents
+
+
+def data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise LlmkitError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+    if not files:
+        raise LlmkitError(f"{path}: folder holds no {', '.join(SUFFIXES)} files")
+    return files
+
+
+def read_file(path: Path, settings: DataSettings) -> list[str]:
+    readers = {".txt": read_txt, ".jsonl": read_jsonl, ".csv": read_csv, ".parquet": read_parquet}
+    return readers[path.suffix](path, settings)
+
+
+def read_txt(path: Path, settings: DataSettings) -> list[str]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise LlmkitError(f"{path}:{line}: not UTF-8 text") from None
+    return [text] if settings.document == "file" else text.splitlines()
+
+
+def read_jsonl(path: Path, settings: DataSettings) -> list[str]:
+    documents = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise LlmkitError(f"{path}:{number}: not a JSON object") from None
+            documents.append(text_field(row, settings.text_column, f"{path}:{number}"))
+    return documents
+
+
+def read_csv(path: Path, settings: DataSettings) -> list[str]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = csv.DictReader(handle)
+        if settings.text_column not in (rows.fieldnames or []):
+            raise LlmkitError(f"{path}: no column '{settings.text_column}' (columns: {rows.fieldnames}); "
+                              f"set data.text_column")
+        return [text_field(row, settings.text_column, f"{path}:{number}") for number, row in enumerate(rows, 2)]
+
+
+def read_parquet(path: Path, settings: DataSettings) -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if settings.text_column not in table.column_names:
+        raise LlmkitError(f"{path}: no column '{settings.text_column}' (columns: {table.column_names}); "
+                          f"set data.text_column")
+    return [text or "" for text in table.column(settings.text_column).to_pylist()]
+
+
+def read_hub_dataset(name: str, settings: DataSettings) -> list[str]:
+    import datasets
+
+    dataset = datasets.load_dataset(name, settings.hub_config or None, split=settings.hub_split)
+    if settings.text_column not in dataset.column_names:
+        raise LlmkitError(f"hub dataset {name}: no column '{settings.text_column}' "
+                          f"(columns: {dataset.column_names}); set data.text_column")
+    return dataset[settings.text_column]
+
+
+def text_field(row: object, column: str, where: str) -> str:
+    if not isinstance(row, dict) or not isinstance(row.get(column), str):
+        raise LlmkitError(f"{where}: expected a '{column}' text field (set data.text_column)")
+    return row[column]
+
+
+def pack_blocks(documents: list[str], tokenizer, block_size: int, cache_dir: Path | None = None):
+    """Tokenize documents (each closed by the end-of-sequence token) and cut the token stream into
+    blocks of block_size, through datasets.map, cached by content under cache_dir."""
+    import datasets
+
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    key = hashlib.sha256(f"{fingerprint(documents)}|{tokenizer_hash(tokenizer)}|{block_size}".encode()).hexdigest()
+
+    def tokenize(batch):
+        return {"input_ids": [ids + eos for ids in tokenizer(batch["text"])["input_ids"]]}
+
+    def group(batch):
+        stream = [token for ids in batch["input_ids"] for token in ids]
+        usable = len(stream) - len(stream) % block_size
+        return {"input_ids": [stream[i: i + block_size] for i in range(0, usable, block_size)]}
+
+    def cache(stage: str) -> str | None:
+        return str(cache_dir / f"{key[:24]}-{stage}.arrow") if cache_dir else None
+
+    texts = datasets.Dataset.from_dict({"text": documents})
+    tokens = texts.map(tokenize, batched=True, remove_columns=["text"], cache_file_name=cache("tokens"),
+                       desc="tokenizing")
+    blocks = tokens.map(group, batched=True, batch_size=1000, cache_file_name=cache("blocks"), desc="packing")
+    return blocks, sum(len(ids) for ids in tokens["input_ids"])
+
+
+def tokenizer_hash(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()

@@ -1,0 +1,145 @@
+"""`llmkit pretrain`: train a tokenizer and a causal or masked language model from scratch, or
+continue pretraining an existing one.
+
+setup (data, tokenizer, model: everything that can refuse bad input, before the disk is touched)
+-> train (HF Trainer) -> finish (final evaluation, model, card, curve, samples, runs/latest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmkit.errors import Interrupted, LlmkitError
+from llmkit.recipe import recipe_to_toml
+from llmkit.settings import Recipe
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    metrics: dict  # final evaluation: eval_loss, eval_perplexity, eval_loss_per_char (causal)
+    samples: list[str]
+
+
+def cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("LLMKIT_CACHE", Path.home() / ".cache" / "llmkit")) / "blocks"
+
+
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> PretrainResult:
+    import datasets
+    import transformers
+
+    from llmkit import rundir
+    from llmkit.builders import build_model, training_arguments
+    from llmkit.console import console
+    from llmkit.data import load_text_splits, pack_blocks
+    from llmkit.tokenizer import load_tokenizer, train_tokenizer
+    from llmkit.training import MetricsFile, StopOnInterrupt
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    run_dir = rundir.run_dir_for(recipe.run.output_dir, recipe.run.name)
+    rundir.check_run_dir(run_dir, overwrite, resume)
+    objective = recipe.train.objective
+
+    with console.status("reading data"):
+        splits = load_text_splits(recipe.data)
+    with console.status("preparing the tokenizer"):
+        tokenizer_source = run_dir if resume else (recipe.tokenizer.path or recipe.model.path)
+        if tokenizer_source:
+            tokenizer = load_tokenizer(str(tokenizer_source))
+        else:
+            tokenizer = train_tokenizer(splits.train, recipe.tokenizer, objective)
+    transformers.set_seed(recipe.run.seed)
+    model = build_model(recipe, tokenizer)
+
+    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, run_dir / rundir.CHECKPOINTS)
+    if args.process_index == 0 and not resume:
+        rundir.prepare_run_dir(run_dir, overwrite)
+        tokenizer.save_pretrained(run_dir)
+        (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe), encoding="utf-8")
+        rundir.write_json(run_dir / "provenance.json", rundir.provenance(splits.fingerprint, args.world_size))
+    with args.main_process_first(desc="tokenizing"), console.status("tokenizing and packing"):
+        train_blocks, _ = pack_blocks(splits.train, tokenizer, recipe.data.block_size, cache_dir())
+        eval_blocks, eval_tokens = pack_blocks(splits.validation, tokenizer, recipe.data.block_size, cache_dir())
+    if len(eval_blocks) == 0:
+        raise LlmkitError(f"the validation split ({eval_tokens} tokens) is shorter than one block of "
+                          f"data.block_size = {recipe.data.block_size}; lower it or hold out more text")
+    if args.process_index == 0:
+        describe_setup(console, model, tokenizer, splits, train_blocks, eval_blocks, args)
+
+    stopper = StopOnInterrupt()
+    trainer = make_trainer(recipe, model, tokenizer, args, train_blocks, eval_blocks,
+                           tokens_per_char=eval_tokens / splits.validation_chars if objective == "causal" else None,
+                           callbacks=[MetricsFile(run_dir / "metrics.jsonl"), stopper])
+    checkpoint = rundir.last_checkpoint(run_dir) if resume else None
+    if checkpoint is not None and args.process_index == 0:
+        rundir.truncate_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[-1]))
+        console.print(f"resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stopper.interrupted:
+        raise Interrupted(f"checkpoint saved in {rundir.last_checkpoint(run_dir)}; continue with "
+                          f"`llmkit pretrain RECIPE --resume`")
+    return finish(recipe, trainer, tokenizer, splits, run_dir)
+
+
+def make_trainer(recipe: Recipe, model, tokenizer, args, train_blocks, eval_blocks, tokens_per_char, callbacks):
+    """The Trainer for a pretraining run; `callbacks` come on top of progress display and samples."""
+    from transformers import DataCollatorForLanguageModeling, PrinterCallback
+
+    from llmkit.training import LlmkitTrainer, Progress, ShowSamples, collate_blocks
+
+    if recipe.train.objective == "mlm":
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=recipe.train.mlm_probability)
+    else:
+        collator = collate_blocks
+    tokens_per_step = recipe.data.block_size * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    callbacks = [Progress(tokens_per_step), *callbacks]
+    if recipe.train.objective == "causal" and recipe.distributed.strategy == "ddp":
+        callbacks.append(ShowSamples(tokenizer, recipe.generate, recipe.run.seed))
+    trainer = LlmkitTrainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
+                            data_collator=collator, callbacks=callbacks, tokens_per_char=tokens_per_char)
+    trainer.remove_callback(PrinterCallback)  # Progress prints instead
+    return trainer
+
+
+def describe_setup(console, model, tokenizer, splits, train_blocks, eval_blocks, args) -> None:
+    parameters = sum(p.numel() for p in model.parameters())
+    console.print(f"model: {model.config.model_type}, {parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer):,}; "
+                  f"data: {len(train_blocks):,} training / {len(eval_blocks):,} validation blocks; "
+                  f"{args.world_size} process(es), {'bf16' if args.bf16 else 'fp32'}", highlight=False)
+
+
+def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> PretrainResult:
+    from llmkit import rundir
+    from llmkit.console import console
+    from llmkit.data import count_chars
+    from llmkit.generation import continue_prompts
+    from llmkit.report import plot_losses, write_model_card
+
+    evaluations = [row for row in trainer.state.log_history if "eval_loss" in row]
+    if evaluations and evaluations[-1]["step"] == trainer.state.global_step:
+        metrics = {k: v for k, v in evaluations[-1].items() if k.startswith("eval_")}
+    else:
+        metrics = trainer.evaluate()
+    trainer.save_model(str(run_dir))
+    samples: list[str] = []
+    if trainer.is_world_process_zero():
+        model = trainer.model
+        if recipe.train.objective == "causal" and recipe.generate.prompts:
+            samples = continue_prompts(model, tokenizer, recipe.generate.prompts, recipe.generate, recipe.run.seed)
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.run.name)
+        write_model_card(run_dir / "README.md", name=recipe.run.name, objective=recipe.train.objective, model=model,
+                         tokenizer=tokenizer, data_source=recipe.data.source, train_chars=count_chars(splits.train),
+                         validation_chars=splits.validation_chars, steps=trainer.state.global_step,
+                         metrics=metrics, samples=samples)
+        rundir.write_json(run_dir / "final_metrics.json", {"step": trainer.state.global_step, **metrics})
+        rundir.point_latest(run_dir)
+        console.print(f"[bold green]done[/]: model saved in {run_dir}", highlight=False)
+        for text in samples:
+            console.print(f"  {text}", highlight=False)
+    return PretrainResult(run_dir, metrics, samples)

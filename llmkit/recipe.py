@@ -1,0 +1,237 @@
+"""Recipes: TOML files validated into typed settings (llmkit.settings), with `extends` and overrides.
+
+Layers apply in order: defaults -> the recipe it extends -> the recipe -> `--set key=value` overrides.
+Each layer is checked on its own, so an error names the file (or `--set`) that holds the bad key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import shutil
+import tomllib
+import typing
+from pathlib import Path
+
+from llmkit.errors import LlmkitError
+from llmkit.settings import Recipe
+
+RECIPE_SUFFIX = ".toml"
+
+
+def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe file (or only defaults when path is None), apply overrides, validate."""
+    merged: dict = {}
+    if path is not None:
+        merge(merged, read_layers(find_recipe(path), seen=()))
+    for override in overrides:
+        merge(merged, parse_override(override))
+    recipe = build(Recipe, merged, source="recipe")
+    recipe.check()
+    return recipe
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A recipe path as given, or the name of a shipped recipe (`pretrain-zh-tiny`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes_dir() / f"{path.stem}{RECIPE_SUFFIX}"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise LlmkitError(f"recipe not found: {name} (shipped recipes: {', '.join(shipped_recipe_names())})")
+
+
+def read_layers(path: Path, seen: tuple[Path, ...]) -> dict:
+    """One recipe file merged over the recipes it extends, its relative paths made absolute."""
+    path = path.resolve()
+    if path in seen:
+        raise LlmkitError(f"{path}: 'extends' forms a cycle")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise LlmkitError(f"{path}: not valid TOML: {error}") from None
+    except OSError as error:
+        raise LlmkitError(f"{path}: cannot read: {error.strerror}") from None
+    base_name = raw.pop("extends", None)
+    check_layer(Recipe, raw, source=str(path), prefix="")
+    resolve_paths(raw, path.parent)
+    merged: dict = {}
+    if base_name is not None:
+        if not isinstance(base_name, str):
+            raise LlmkitError(f"{path}: extends must be a file name (string), got {base_name!r}")
+        merge(merged, read_layers(path.parent / base_name, seen + (path,)))
+    merge(merged, raw)
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """`train.learning_rate=3e-4` -> {"train": {"learning_rate": 3e-4}}; values are TOML literals,
+    and a value that is not one is taken as a plain string (`data.source=peoples-daily`)."""
+    key, sep, value_text = text.partition("=")
+    if not sep or not key.strip():
+        raise LlmkitError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.learning_rate=3e-4")
+    try:
+        value = tomllib.loads(f"v = {value_text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text
+    layer: dict = {}
+    node = layer
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    check_layer(Recipe, layer, source=f"--set {text}", prefix="")
+    resolve_paths(layer, Path.cwd())
+    return layer
+
+
+def merge(into: dict, layer: dict) -> None:
+    """Deep-merge layer into `into`: tables merge key by key, other values replace."""
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def check_layer(cls: type, raw: dict, source: str, prefix: str) -> None:
+    """Refuse unknown keys and values of the wrong type, naming the key and the closest valid one."""
+    if not isinstance(raw, dict):
+        raise LlmkitError(f"{source}: {prefix.rstrip('.') or 'recipe'} must be a table")
+    hints = typing.get_type_hints(cls)
+    for key, value in raw.items():
+        name = prefix + key
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(hints)})"
+            raise LlmkitError(f"{source}: unknown key '{name}'{hint}")
+        expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            check_layer(expected, value, source, prefix=f"{name}.")
+        else:
+            check_value(name, value, expected, source)
+
+
+def check_value(name: str, value: object, expected: object, source: str) -> None:
+    origin = typing.get_origin(expected)
+    if origin is typing.Literal:
+        choices = typing.get_args(expected)
+        if value not in choices:
+            raise LlmkitError(f"{source}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    elif origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list) or not all(isinstance(item, item_type) for item in value):
+            raise LlmkitError(f"{source}: {name} must be a list of {item_type.__name__}, got {value!r}")
+    elif not fits(value, expected):
+        raise LlmkitError(f"{source}: {name} must be {type_name(expected)}, got {value!r}")
+
+
+def fits(value: object, expected: object) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)  # type: ignore[arg-type]
+
+
+def type_name(expected: object) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            dict: "a table"}.get(expected, str(expected))  # type: ignore[call-overload]
+
+
+def resolve_paths(raw: dict, folder: Path) -> None:
+    """Make relative path values absolute against `folder` (the recipe's), when they name a local file.
+
+    A value that names nothing local (a built-in corpus, a hub id) is left as it is."""
+    for section in dataclasses.fields(Recipe):
+        table = raw.get(section.name)
+        if not isinstance(table, dict):
+            continue
+        for setting in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+            value = table.get(setting.name)
+            if setting.metadata.get("path") and isinstance(value, str) and value:
+                table[setting.name] = resolve_path(value, folder)
+
+
+def resolve_path(value: str, folder: Path) -> str:
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    local = folder / candidate
+    if local.exists() or value.startswith(("./", "../")):
+        return str(local.resolve())
+    return value
+
+
+def build(cls: type, raw: dict, source: str):
+    """Instantiate the settings dataclass tree from a checked dict (absent keys take defaults)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            kwargs[key] = build(expected, value, source)
+        else:
+            kwargs[key] = float(value) if expected is float else value
+    return cls(**kwargs)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The fully resolved recipe as TOML that `load_recipe` reads back to the same settings."""
+    lines: list[str] = []
+    for section, table in recipe_to_dict(recipe).items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in table.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def shipped_recipes_dir() -> Path:
+    """Recipes inside an installed wheel (llmkit/recipes), or the repository's recipes/ folder."""
+    inside = Path(__file__).parent / "recipes"
+    return inside if inside.is_dir() else Path(__file__).parent.parent / "recipes"
+
+
+def shipped_recipe_names() -> list[str]:
+    return sorted(path.stem for path in shipped_recipes_dir().glob(f"*{RECIPE_SUFFIX}"))
+
+
+def recipe_summary(path: Path) -> str:
+    """First comment line of a recipe file: what it is for."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def copy_recipe(name: str, destination: str | Path, overwrite: bool = False) -> Path:
+    """Copy a shipped recipe to edit; a destination folder gets the recipe's own file name."""
+    source = shipped_recipes_dir() / f"{Path(name).stem}{RECIPE_SUFFIX}"
+    if not source.is_file():
+        raise LlmkitError(f"no shipped recipe named {name!r} (shipped: {', '.join(shipped_recipe_names())})")
+    target = Path(destination)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists() and not overwrite:
+        raise LlmkitError(f"{target} exists; pass --overwrite to replace it")
+    shutil.copyfile(source, target)
+    return target

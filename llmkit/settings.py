@@ -1,0 +1,177 @@
+"""Typed recipe settings, with every default in one place.
+
+Each table of a recipe file is one dataclass below; a field's comment is its documentation (it is
+shown by `llmkit recipe show --defaults`). Checks that involve more than one value live in `check()`
+and name the keys. No heavy imports here: loading a recipe must stay instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from llmkit.errors import LlmkitError
+
+PATH = {"path": True}  # field metadata: a relative value resolves against the recipe's folder
+
+
+@dataclass
+class RunSettings:
+    name: str = "run"  # the run directory is <output_dir>/<name>
+    output_dir: str = "runs"  # relative to where the command runs (not to the recipe)
+    seed: int = 1234  # seeds weights, data order and sampling
+
+
+@dataclass
+class ModelSettings:
+    path: str = field(default="", metadata=PATH)  # continue from this model (dir, run or hub id); "" = from scratch
+    arch: Literal["llama", "gpt2", "bert"] = "llama"  # architecture when training from scratch
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0  # grouped-query attention (llama); 0 = n_head
+    d_model: int = 256  # hidden size
+    d_ff: int = 0  # feed-forward size; 0 = 4 x d_model (gpt2, bert) or ~8/3 x d_model (llama)
+    max_positions: int = 512  # longest sequence the model accepts
+    dropout: float = 0.0  # for pretraining 0 is good; for fine-tuning try 0.1
+    tie_embeddings: bool = True  # share input and output embeddings (saves parameters in small models)
+    rope_theta: float = 10000.0  # llama rotary base
+
+    def check(self) -> None:
+        if self.n_layer < 1 or self.n_head < 1 or self.d_model < 1:
+            raise LlmkitError("model.n_layer, model.n_head and model.d_model must be at least 1")
+        if self.d_model % self.n_head:
+            raise LlmkitError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise LlmkitError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        if not 0 <= self.dropout < 1:
+            raise LlmkitError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TokenizerSettings:
+    path: str = field(default="", metadata=PATH)  # load this tokenizer (dir or hub id); "" = train one
+    kind: Literal["char", "bpe"] = "char"  # what to train: one token per character, or byte-level BPE
+    vocab_size: int = 6000  # upper bound; char-level keeps only characters seen min_frequency times
+    min_frequency: int = 1  # rarer characters/merges are left out (they become <unk> / bytes)
+
+    def check(self) -> None:
+        if self.vocab_size < 8:
+            raise LlmkitError(f"tokenizer.vocab_size must be at least 8, got {self.vocab_size}")
+        if self.min_frequency < 1:
+            raise LlmkitError(f"tokenizer.min_frequency must be at least 1, got {self.min_frequency}")
+
+
+@dataclass
+class DataSettings:
+    source: str = field(default="peoples-daily", metadata=PATH)  # built-in corpus, file, folder or hub dataset
+    text_column: str = "text"  # column holding the text (.jsonl, .csv, .parquet, hub)
+    document: Literal["line", "file"] = "line"  # .txt: one document per line, or per file
+    hub_config: str = ""  # hub dataset configuration name
+    hub_split: str = "train"  # hub dataset split to read
+    validation_fraction: float = 0.1  # the LAST fraction of the text is held out for validation
+    validation_source: str = field(default="", metadata=PATH)  # a separate validation set instead
+    block_size: int = 256  # tokens per training sequence (texts are packed into blocks)
+    max_documents: int = 0  # use only the first N documents (quick experiments); 0 = all
+
+    def check(self) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise LlmkitError(f"data.validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        if self.block_size < 2:
+            raise LlmkitError(f"data.block_size must be at least 2, got {self.block_size}")
+        if self.max_documents < 0:
+            raise LlmkitError(f"data.max_documents must be 0 (all) or positive, got {self.max_documents}")
+
+
+@dataclass
+class TrainSettings:
+    objective: Literal["causal", "mlm"] = "causal"  # next-token prediction, or BERT-style masked LM
+    mlm_probability: float = 0.15  # share of tokens masked (mlm)
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 32  # sequences per device per step
+    gradient_accumulation: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate x this
+    warmup_steps: float = 0.05  # an int counts steps; a float below 1 is a fraction of max_steps
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.95  # 0.95 is steadier than 0.999 for language models
+    max_grad_norm: float = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it
+    eval_every: int = 200  # steps between evaluations (validation loss, perplexity, loss per char)
+    save_every: int = 200  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = 10  # steps between logged training losses
+    eval_batch_size: int = 64
+    gradient_checkpointing: bool = False  # recompute activations: less memory, more compute (big models)
+    torch_compile: bool = False
+    dataloader_workers: int = 0
+
+    def check(self) -> None:
+        positive = ("max_steps", "batch_size", "gradient_accumulation", "eval_every", "save_every",
+                    "keep_checkpoints", "log_every", "eval_batch_size")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise LlmkitError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            raise LlmkitError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise LlmkitError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise LlmkitError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 < self.mlm_probability < 1:
+            raise LlmkitError(f"train.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+
+
+@dataclass
+class GenerateSettings:
+    prompts: list[str] = field(default_factory=lambda: ["昨天天气很"])  # shown as samples during training
+    max_new_tokens: int = 40
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LlmkitError(f"generate.max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LlmkitError(f"generate.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LlmkitError(f"generate.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class DistributedSettings:
+    """Multi-GPU strategy, passed through to accelerate / TrainingArguments. Launch with torchrun or
+    `accelerate launch`; a single process ignores this table."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    fsdp: str = "full_shard auto_wrap"  # TrainingArguments.fsdp options (strategy = "fsdp")
+    fsdp_config: dict = field(default_factory=dict)  # e.g. {transformer_layer_cls_to_wrap = ["LlamaDecoderLayer"]}
+    deepspeed: str = field(default="", metadata=PATH)  # DeepSpeed JSON config (strategy = "deepspeed")
+
+    def check(self) -> None:
+        if self.strategy == "deepspeed" and not self.deepspeed:
+            raise LlmkitError('distributed.deepspeed must name a DeepSpeed JSON config when strategy = "deepspeed"')
+
+
+@dataclass
+class Recipe:
+    run: RunSettings = field(default_factory=RunSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
+
+    def check(self) -> None:
+        for section in vars(self).values():
+            if hasattr(section, "check"):
+                section.check()
+        if self.data.block_size > self.model.max_positions and not self.model.path:
+            raise LlmkitError(f"data.block_size ({self.data.block_size}) is larger than the model's positions "
+                              f"(model.max_positions = {self.model.max_positions})")
+        mlm_arch = self.model.arch == "bert"
+        if not self.model.path and mlm_arch != (self.train.objective == "mlm"):
+            raise LlmkitError(f'model.arch = "{self.model.arch}" does not fit train.objective = '
+                              f'"{self.train.objective}" (bert is mlm; llama and gpt2 are causal)')

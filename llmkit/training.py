@@ -1,0 +1,142 @@
+"""Glue around Hugging Face `Trainer` shared by the training commands: progress display, metrics
+file, Ctrl-C safety, samples during training, and the derived metrics (perplexity, loss per char)."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback
+
+from llmkit.console import console
+from llmkit.generation import continue_prompts
+from llmkit.rundir import append_jsonl
+from llmkit.settings import GenerateSettings
+
+
+class LlmkitTrainer(Trainer):
+    """Trainer that adds perplexity and loss per character to every evaluation it logs."""
+
+    def __init__(self, *args, tokens_per_char: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens_per_char = tokens_per_char
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+            if self.tokens_per_char:
+                # total NLL / characters = mean token NLL x tokens per character, so that models
+                # with different tokenizers compare.
+                logs["eval_loss_per_char"] = logs["eval_loss"] * self.tokens_per_char
+        super().log(logs, start_time)
+
+
+def collate_blocks(rows: list[dict]) -> dict:
+    """Stack equal-length packed blocks; causal LM labels are the inputs (the model shifts them)."""
+    import torch
+
+    input_ids = torch.tensor([row["input_ids"] for row in rows], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+class MetricsFile(TrainerCallback):
+    """Append every log row (training loss, evaluation metrics) to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            append_jsonl(self.path, {"step": state.global_step, **logs})
+
+
+class StopOnInterrupt(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. A second one aborts."""
+
+    def __init__(self):
+        self.interrupted = False
+        self.previous_handler = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.previous_handler = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        self.interrupted = True
+        signal.signal(signal.SIGINT, self.previous_handler or signal.default_int_handler)
+        console.print("\n[yellow]Interrupted: saving a checkpoint after this step (Ctrl-C again to abort)[/]")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGINT, self.previous_handler)
+
+
+class ShowSamples(TrainerCallback):
+    """After each evaluation, print continuations of the recipe's prompts: people watch them improve."""
+
+    def __init__(self, tokenizer, settings: GenerateSettings, seed: int):
+        self.tokenizer, self.settings, self.seed = tokenizer, settings, seed
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and model is not None and self.settings.prompts:
+            for text in continue_prompts(model, self.tokenizer, self.settings.prompts, self.settings, self.seed):
+                console.print(f"  [dim]sample:[/] {text}", markup=True, highlight=False)
+
+
+class Progress(TrainerCallback):
+    """Step, loss, tokens/s and ETA: a live bar on a terminal, plain lines in logs and CI."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.bar = None
+        self.task = None
+        self.last_time = self.last_step = None
+        self.fields = {"loss": float("nan"), "tps": 0.0}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.last_time, self.last_step = time.perf_counter(), state.global_step
+        if console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                                TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
+            self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step, **self.fields)
+            self.bar.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            now = time.perf_counter()
+            steps = state.global_step - self.last_step
+            self.fields = {"loss": logs["loss"], "tps": steps * self.tokens_per_step / max(now - self.last_time, 1e-9)}
+            self.last_time, self.last_step = now, state.global_step
+            if self.bar is not None:
+                self.bar.update(self.task, **self.fields)
+            else:
+                console.print(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                              f"lr {logs.get('learning_rate', 0):.2e}  {self.fields['tps']:,.0f} tok/s",
+                              highlight=False)
+        if "eval_loss" in logs:
+            parts = [f"eval loss {logs['eval_loss']:.4f}", f"perplexity {logs['eval_perplexity']:.2f}"]
+            if "eval_loss_per_char" in logs:
+                parts.append(f"loss/char {logs['eval_loss_per_char']:.4f} nats")
+            console.print(f"step {state.global_step}: " + "  ".join(parts), highlight=False)
+            self.last_time = time.perf_counter()  # evaluation time is not training throughput
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.stop()

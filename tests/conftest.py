@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny recipes (a few hundred documents, a model of a few thousand parameters)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Runs in tests must never reach the network (there is none here) nor a shared cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = [
+    "data.max_documents=300",
+    "data.block_size=32",
+    "tokenizer.vocab_size=2000",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.d_model=32",
+    "model.max_positions=64",
+    "train.max_steps=6",
+    "train.batch_size=8",
+    "train.eval_every=3",
+    "train.save_every=3",
+    "train.log_every=1",
+    "train.eval_batch_size=16",
+    "generate.max_new_tokens=5",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path_factory.getbasetemp() / "llmkit-cache"))
+
+
+@pytest.fixture
+def tiny(tmp_path) -> list[str]:
+    """Overrides that turn the quickstart recipe into a seconds-long run under tmp_path."""
+    return TINY + [f"run.output_dir={tmp_path / 'runs'}", "run.name=tiny"]
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    """Write a recipe file into tmp_path and return its path."""
+
+    def write(text: str, name: str = "recipe.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write

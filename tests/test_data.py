@@ -1,0 +1,213 @@
+import json
+import re
+
+import pytest
+
+from llmkit.data import count_chars, fingerprint, load_documents, load_text_splits, pack_blocks, split_documents
+from llmkit.errors import LlmkitError
+from llmkit.settings import DataSettings, TokenizerSettings
+from llmkit.tokenizer import train_tokenizer
+
+DOCS = [f"第{i}篇 document {i}" + "。" * (i % 3) for i in range(20)]
+
+
+def load(source, **settings) -> list[str]:
+    return load_documents(str(source), DataSettings(source=str(source), **settings))
+
+
+def write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def peoples_daily():
+    return load_text_splits(DataSettings())
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(DOCS * 5, TokenizerSettings(vocab_size=200), "causal")
+
+
+# split_documents and load_text_splits
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5])
+def test_split_holds_out_the_tail_as_whole_documents(fraction):
+    train, validation = split_documents(DOCS, fraction)
+    assert train + validation == DOCS and train and validation
+    assert count_chars(train) >= (1 - fraction) * count_chars(DOCS)
+    assert count_chars(train[:-1]) < (1 - fraction) * count_chars(DOCS)  # the first document that reaches it
+
+
+def test_split_of_the_builtin_corpus_is_deterministic():
+    settings = DataSettings(max_documents=500)
+    first, second = load_text_splits(settings), load_text_splits(settings)
+    assert first.fingerprint == second.fingerprint and first.validation == second.validation
+    assert first.fingerprint == fingerprint(first.train + first.validation)
+
+
+def test_builtin_corpus_has_no_pos_tags_and_about_19k_documents(peoples_daily):
+    documents = peoples_daily.train + peoples_daily.validation
+    assert 18_000 < len(documents) < 21_000
+    assert not [doc for doc in documents if re.search(r"/[a-zA-Z]", doc)]
+    assert documents[0].startswith("迈向充满希望的新世纪")
+
+
+def test_builtin_validation_is_about_the_requested_fraction(peoples_daily):
+    total = count_chars(peoples_daily.train) + peoples_daily.validation_chars
+    assert 0.09 < peoples_daily.validation_chars / total <= 0.1
+
+
+def test_max_documents_keeps_the_first_documents(tmp_path):
+    path = write(tmp_path / "c.txt", "\n".join(DOCS))
+    splits = load_text_splits(DataSettings(source=str(path), max_documents=4, validation_fraction=0.3))
+    assert splits.train + splits.validation == DOCS[:4]
+
+
+def test_validation_source_replaces_the_split(tmp_path):
+    train = write(tmp_path / "train.txt", "\n".join(DOCS))
+    validation = write(tmp_path / "val.txt", "held out one\nheld out two\n")
+    splits = load_text_splits(DataSettings(source=str(train), validation_source=str(validation)))
+    assert splits.train == DOCS and splits.validation == ["held out one", "held out two"]
+
+
+def test_too_little_text_to_split_is_refused(tmp_path):
+    path = write(tmp_path / "one.txt", "only one document\n")
+    with pytest.raises(LlmkitError, match="too little text to hold out a validation split"):
+        load_text_splits(DataSettings(source=str(path)))
+
+
+# local sources
+
+
+def test_txt_is_one_document_per_non_empty_line(tmp_path):
+    path = write(tmp_path / "c.txt", "first line\n\n   \nsecond line\r\nthird\n")
+    assert load(path) == ["first line", "second line", "third"]
+
+
+def test_txt_as_one_document_per_file(tmp_path):
+    path = write(tmp_path / "c.txt", "first line\nsecond line\n")
+    assert load(path, document="file") == ["first line\nsecond line\n"]
+
+
+def test_jsonl_reads_the_text_column(tmp_path):
+    rows = [{"body": "甲", "id": 1}, {"body": "乙\n丙", "id": 2}]
+    path = write(tmp_path / "c.jsonl", "\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n\n")
+    assert load(path, text_column="body") == ["甲", "乙\n丙"]
+
+
+def test_csv_reads_the_text_column_with_quoted_newlines(tmp_path):
+    path = write(tmp_path / "c.csv", 'id,text\n1,"hello, world"\n2,"two\nlines"\n')
+    assert load(path) == ["hello, world", "two\nlines"]
+
+
+def test_folder_reads_its_files_in_sorted_order_recursively(tmp_path):
+    write(tmp_path / "b.txt", "from b\n")
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "c.jsonl", '{"text": "from c"}\n')
+    write(tmp_path / "a.csv", "text\nfrom a\n")
+    write(tmp_path / "notes.md", "ignored\n")
+    assert load(tmp_path) == ["from a", "from b", "from c"]
+
+
+# bad input: the message names the file and the line
+
+
+def test_jsonl_bad_line_names_file_and_line(tmp_path):
+    path = write(tmp_path / "bad.jsonl", '{"text": "a"}\n{"text": "b"}\n{oops\n')
+    with pytest.raises(LlmkitError, match=r"bad\.jsonl:3: not a JSON object"):
+        load(path)
+
+
+def test_jsonl_row_without_the_text_field_names_line_and_field(tmp_path):
+    path = write(tmp_path / "rows.jsonl", '{"text": "a"}\n{"content": "b"}\n')
+    with pytest.raises(LlmkitError, match=r"rows\.jsonl:2: expected a 'text' text field"):
+        load(path)
+
+
+def test_jsonl_non_utf8_line_is_a_clear_error(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(LlmkitError, match=r"latin\.jsonl:2"):
+        load(path)
+
+
+def test_csv_without_the_text_column_names_the_column(tmp_path):
+    path = write(tmp_path / "c.csv", "id,body\n1,hello\n")
+    with pytest.raises(LlmkitError, match=r"c\.csv: no column 'text' \(columns: \['id', 'body'\]\)"):
+        load(path)
+
+
+def test_csv_row_missing_the_text_names_the_line(tmp_path):
+    path = write(tmp_path / "short.csv", "id,text\n1,fine\n2\n")
+    with pytest.raises(LlmkitError, match=r"short\.csv:3: expected a 'text' text field"):
+        load(path)
+
+
+def test_non_utf8_txt_names_the_line(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("第一行\nsecond\n".encode() + b"caf\xe9\n")
+    with pytest.raises(LlmkitError, match=r"latin\.txt:3: not UTF-8 text"):
+        load(path)
+
+
+@pytest.mark.parametrize("name, text", [("empty.txt", ""), ("blank.txt", "\n  \n"), ("empty.jsonl", "\n")])
+def test_source_without_text_is_refused(tmp_path, name, text):
+    with pytest.raises(LlmkitError, match="holds no text"):
+        load(write(tmp_path / name, text))
+
+
+def test_missing_path_is_refused(tmp_path):
+    with pytest.raises(LlmkitError, match="data source not found"):
+        load(tmp_path / "missing.txt")
+
+
+def test_unsupported_file_type_is_refused(tmp_path):
+    with pytest.raises(LlmkitError, match=r"notes\.md: unsupported file type"):
+        load(write(tmp_path / "notes.md", "text\n"))
+
+
+def test_folder_without_data_files_is_refused(tmp_path):
+    write(tmp_path / "notes.md", "text\n")
+    with pytest.raises(LlmkitError, match="folder holds no"):
+        load(tmp_path)
+
+
+# pack_blocks
+
+
+def token_stream(documents, tokenizer) -> list[int]:
+    return [token for doc in documents for token in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]]
+
+
+def test_blocks_are_the_token_stream_cut_into_block_size(tokenizer, tmp_path):
+    blocks, n_tokens = pack_blocks(DOCS, tokenizer, block_size=8, cache_dir=tmp_path)
+    stream = token_stream(DOCS, tokenizer)
+    assert n_tokens == len(stream)
+    assert len(blocks) == len(stream) // 8
+    assert all(len(block) == 8 for block in blocks["input_ids"])
+    assert sum(blocks["input_ids"], []) == stream[: len(blocks) * 8]
+
+
+def test_second_call_reuses_the_cached_blocks(tokenizer, tmp_path):
+    first, _ = pack_blocks(DOCS, tokenizer, block_size=8, cache_dir=tmp_path)
+    cached = sorted(p.name for p in tmp_path.glob("*.arrow"))
+    assert len(cached) == 2 and first.cache_files[0]["filename"].startswith(str(tmp_path))
+
+    class NoTokenizing:  # same identity (hash, eos) as the tokenizer, but refuses to tokenize
+        backend_tokenizer, eos_token_id = tokenizer.backend_tokenizer, tokenizer.eos_token_id
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("tokenized again instead of reading the cache")
+
+    second, n_tokens = pack_blocks(DOCS, NoTokenizing(), block_size=8, cache_dir=tmp_path)
+    assert second["input_ids"] == first["input_ids"] and n_tokens == len(token_stream(DOCS, tokenizer))
+    assert sorted(p.name for p in tmp_path.glob("*.arrow")) == cached
+
+
+def test_cache_key_tells_documents_apart_from_their_joined_lines(tokenizer, tmp_path):
+    as_lines, _ = pack_blocks(["ab", "cd"], tokenizer, block_size=2, cache_dir=tmp_path)
+    as_file, _ = pack_blocks(["ab\ncd"], tokenizer, block_size=2, cache_dir=tmp_path)
+    assert as_file["input_ids"] != as_lines["input_ids"]

@@ -1,0 +1,191 @@
+"""End-to-end pretraining on tiny models: outputs, resume, refusal to overwrite, bad input, torchrun."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit import load_recipe, pretrain
+from llmkit.errors import Interrupted, LlmkitError
+from llmkit.training import StopOnInterrupt
+
+pytestmark = pytest.mark.slow
+LLMKIT = [sys.executable, "-m", "llmkit"]
+
+
+def run_tiny(overrides, *more, **kwargs):
+    return pretrain.run(load_recipe("pretrain-zh-tiny", [*overrides, *more]), **kwargs)
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_causal_run_saves_a_model_plain_transformers_loads_and_generates(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = run_tiny(tiny)
+    run_dir = tmp_path / "runs" / "tiny"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "recipe.toml",
+                 "provenance.json", "README.md", "final_metrics.json"):
+        assert (run_dir / name).is_file(), name
+    assert (tmp_path / "runs" / "latest").resolve() == run_dir.resolve()
+    assert len(json.loads((run_dir / "provenance.json").read_text())["data_fingerprint"]) == 64
+    evals = [row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in row]
+    assert [row["step"] for row in evals] == [3, 6]
+    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    output = model.generate(**tokenizer("昨天天气很", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert output.shape[1] == len("昨天天气很") + 1 + 4  # <s> + prompt + new tokens
+    assert result.samples and result.samples[0].startswith("昨天天气很")
+
+
+def test_loss_per_char_matches_a_direct_computation(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.data import load_text_splits
+
+    result = run_tiny(tiny)
+    run_dir = tmp_path / "runs" / "tiny"
+    model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    validation = load_text_splits(load_recipe("pretrain-zh-tiny", tiny).data).validation
+    stream = [t for doc in validation for t in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]]
+    blocks = torch.tensor(stream[: len(stream) // 32 * 32]).view(-1, 32)
+    with torch.no_grad():
+        mean_nll = model(input_ids=blocks, labels=blocks).loss.item()
+    direct = mean_nll * len(stream) / sum(len(doc) + 1 for doc in validation)
+    assert result.metrics["eval_loss_per_char"] == pytest.approx(direct, rel=1e-4)
+
+
+def test_masked_lm_run_loads_as_masked_lm(tiny, tmp_path):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    run_tiny(tiny, "model.arch=bert", "train.objective=mlm")
+    run_dir = tmp_path / "runs" / "tiny"
+    model = AutoModelForMaskedLM.from_pretrained(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    inputs = tokenizer(f"昨天{tokenizer.mask_token}气很好", return_tensors="pt")
+    assert model(**inputs).logits.shape[-1] == len(tokenizer)
+
+
+def test_gpt2_architecture_trains(tiny, tmp_path):
+    result = run_tiny(tiny, "model.arch=gpt2")
+    assert json.loads((tmp_path / "runs" / "tiny" / "config.json").read_text())["model_type"] == "gpt2"
+    assert result.metrics["eval_loss"] > 0
+
+
+def test_existing_run_is_refused_and_left_untouched(tiny, tmp_path):
+    run_tiny(tiny)
+    run_dir = tmp_path / "runs" / "tiny"
+    before = snapshot(run_dir)
+    with pytest.raises(LlmkitError, match="exists; pass --overwrite"):
+        run_tiny(tiny)
+    assert snapshot(run_dir) == before
+
+
+def test_overwrite_replaces_the_run(tiny, tmp_path):
+    run_tiny(tiny)
+    marker = tmp_path / "runs" / "tiny" / "old-file"
+    marker.write_text("old")
+    run_tiny(tiny, overwrite=True)
+    assert not marker.exists() and (tmp_path / "runs" / "tiny" / "model.safetensors").exists()
+
+
+def test_resume_after_interrupt_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    steps = ["train.max_steps=8", "train.save_every=4", "train.eval_every=4"]
+    whole = run_tiny([*tiny, "run.name=whole"], *steps)
+
+    original = StopOnInterrupt.on_step_end
+
+    def interrupt_at_step_5(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            self.handle(signal.SIGINT, None)
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(StopOnInterrupt, "on_step_end", interrupt_at_step_5)
+    with pytest.raises(Interrupted, match="--resume"):
+        run_tiny([*tiny, "run.name=parts"], *steps)
+    assert (tmp_path / "runs" / "parts" / "checkpoints" / "checkpoint-5").is_dir()
+    monkeypatch.setattr(StopOnInterrupt, "on_step_end", original)
+    resumed = run_tiny([*tiny, "run.name=parts"], *steps, resume=True)
+
+    assert resumed.metrics["eval_loss"] == pytest.approx(whole.metrics["eval_loss"], rel=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "whole").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "parts").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_resume_without_a_checkpoint_is_refused(tiny):
+    with pytest.raises(LlmkitError, match="no checkpoint to resume from"):
+        run_tiny(tiny, resume=True)
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(tiny, tmp_path):
+    overrides = [arg for o in [*tiny, "train.max_steps=500", "train.save_every=1000"] for arg in ("--set", o)]
+    process = subprocess.Popen([*LLMKIT, "pretrain", "pretrain-zh-tiny", *overrides], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:  # wait until training is under way
+        if line.startswith("step 2/"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    checkpoints = list((tmp_path / "runs" / "tiny" / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "optimizer.pt").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.block_size=128", "model.max_positions=64"], "data.block_size (128) is larger than the model's positions"),
+    (["tokenizer.vocab_size=20"], "tokenizer.vocab_size = 20 is too small"),
+    (["data.source=missing.txt"], "data source not found: missing.txt"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny, tmp_path, overrides, message):
+    args = [arg for o in [*tiny, *overrides] for arg in ("--set", o)]
+    result = subprocess.run([*LLMKIT, "pretrain", "pretrain-zh-tiny", *args], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_data_line_is_named_and_existing_run_kept(tiny, tmp_path):
+    run_tiny(tiny)
+    before = snapshot(tmp_path / "runs" / "tiny")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "今天天气很好"}\n{"text": "好"}\nnot json\n', encoding="utf-8")
+    args = [arg for o in [*tiny, f"data.source={data}"] for arg in ("--set", o)]
+    result = subprocess.run([*LLMKIT, "pretrain", "pretrain-zh-tiny", *args, "--overwrite"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and f"{data}:3: not a JSON object" in result.stderr
+    assert snapshot(tmp_path / "runs" / "tiny") == before
+
+
+def test_empty_data_is_refused(tiny, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(LlmkitError, match="holds no text"):
+        run_tiny(tiny, f"data.source={empty}")
+
+
+def test_two_process_torchrun(tiny, tmp_path):
+    overrides = [arg for o in tiny for arg in ("--set", o)]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29533", "-m", "llmkit", "pretrain", "pretrain-zh-tiny", *overrides],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es)" in result.stdout
+    run_dir = tmp_path / "runs" / "tiny"
+    assert json.loads((run_dir / "provenance.json").read_text())["world_size"] == 2
+    assert (run_dir / "model.safetensors").exists()
