@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from llmkit.errors import LlmkitError
 from llmkit.settings import DataSettings
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
 
 
 @dataclass
@@ -64,8 +67,9 @@ def split_documents(documents: list[str], validation_fraction: float) -> tuple[l
 def fingerprint(documents: list[str]) -> str:
     digest = hashlib.sha256()
     for doc in documents:
-        digest.update(doc.encode("utf-8"))
-        digest.update(b"\n")
+        encoded = doc.encode("utf-8")
+        digest.update(f"{len(encoded)}:".encode())  # length-prefixed: ["ab", "cd"] differs from ["ab\ncd"]
+        digest.update(encoded)
     return digest.hexdigest()
 
 
@@ -75,7 +79,7 @@ def load_documents(source: str, settings: DataSettings) -> list[str]:
         documents = BUILTIN_CORPORA[source]()
     elif Path(source).exists():
         documents = [doc for path in data_files(Path(source)) for doc in read_file(path, settings)]
-    elif "/" in source and not source.startswith((".", "/")):
+    elif HUB_NAME.fullmatch(source) and not source.endswith(SUFFIXES):
         documents = read_hub_dataset(source, settings)
     else:
         raise LlmkitError(f"data source not found: {source} (expected a file, a folder, a hub dataset "
@@ -102,37 +106,40 @@ def read_file(path: Path, settings: DataSettings) -> list[str]:
     return readers[path.suffix](path, settings)
 
 
-def read_txt(path: Path, settings: DataSettings) -> list[str]:
+def read_text(path: Path) -> str:
+    """A whole file as UTF-8, or an error naming the first line that is not."""
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
         raise LlmkitError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def read_txt(path: Path, settings: DataSettings) -> list[str]:
+    text = read_text(path)
     return [text] if settings.document == "file" else text.splitlines()
 
 
 def read_jsonl(path: Path, settings: DataSettings) -> list[str]:
     documents = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise LlmkitError(f"{path}:{number}: not a JSON object") from None
-            documents.append(text_field(row, settings.text_column, f"{path}:{number}"))
+    for number, line in enumerate(read_text(path).split("\n"), 1):  # not splitlines: JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise LlmkitError(f"{path}:{number}: not a JSON object") from None
+        documents.append(text_field(row, settings.text_column, f"{path}:{number}"))
     return documents
 
 
 def read_csv(path: Path, settings: DataSettings) -> list[str]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        rows = csv.DictReader(handle)
-        if settings.text_column not in (rows.fieldnames or []):
-            raise LlmkitError(f"{path}: no column '{settings.text_column}' (columns: {rows.fieldnames}); "
-                              f"set data.text_column")
-        return [text_field(row, settings.text_column, f"{path}:{number}") for number, row in enumerate(rows, 2)]
+    rows = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    if settings.text_column not in (rows.fieldnames or []):
+        raise LlmkitError(f"{path}: no column '{settings.text_column}' (columns: {rows.fieldnames}); "
+                          f"set data.text_column")
+    return [text_field(row, settings.text_column, f"{path}:{rows.line_num}") for row in rows]
 
 
 def read_parquet(path: Path, settings: DataSettings) -> list[str]:
