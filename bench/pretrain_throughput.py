@@ -43,7 +43,7 @@ def plain_tokens_per_second(recipe, tokenizer, blocks) -> float:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=train.learning_rate, betas=(0.9, train.adam_beta2))
+                                  lr=train.learning_rate, betas=(0.9, train.adam_beta2), fused=True)
     schedule = transformers.get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, int(train.warmup_steps * train.max_steps), train.max_steps, min_lr_rate=train.min_lr_ratio)
     data = torch.tensor(blocks["input_ids"], dtype=torch.long)

@@ -58,17 +58,19 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Pretra
     model = build_model(recipe, tokenizer)
 
     args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, run_dir / rundir.CHECKPOINTS)
-    if args.process_index == 0 and not resume:
-        rundir.prepare_run_dir(run_dir, overwrite)
-        tokenizer.save_pretrained(run_dir)
-        (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe), encoding="utf-8")
-        rundir.write_json(run_dir / "provenance.json", rundir.provenance(splits.fingerprint, args.world_size))
     with args.main_process_first(desc="tokenizing"), console.status("tokenizing and packing"):
         train_blocks, _ = pack_blocks(splits.train, tokenizer, recipe.data.block_size, cache_dir())
         eval_blocks, eval_tokens = pack_blocks(splits.validation, tokenizer, recipe.data.block_size, cache_dir())
     if len(eval_blocks) == 0:
         raise LlmkitError(f"the validation split ({eval_tokens} tokens) is shorter than one block of "
                           f"data.block_size = {recipe.data.block_size}; lower it or hold out more text")
+    # Everything that can refuse the input has run: only now is the run directory written.
+    with args.main_process_first(desc="run directory"):
+        if args.process_index == 0 and not resume:
+            rundir.prepare_run_dir(run_dir, overwrite)
+            tokenizer.save_pretrained(run_dir)
+            (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe), encoding="utf-8")
+            rundir.write_json(run_dir / "provenance.json", rundir.provenance(splits.fingerprint, args.world_size))
     if args.process_index == 0:
         describe_setup(console, model, tokenizer, splits, train_blocks, eval_blocks, args)
 

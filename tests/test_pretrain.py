@@ -189,3 +189,22 @@ def test_two_process_torchrun(tiny, tmp_path):
     run_dir = tmp_path / "runs" / "tiny"
     assert json.loads((run_dir / "provenance.json").read_text())["world_size"] == 2
     assert (run_dir / "model.safetensors").exists()
+
+
+def test_validation_shorter_than_a_block_is_refused_before_writing(tiny, tmp_path):
+    with pytest.raises(LlmkitError, match="shorter than one block"):
+        run_tiny(tiny, "data.block_size=512", "model.max_positions=512", "data.validation_fraction=0.01")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_continued_pretraining_starts_from_the_saved_model(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_tiny(tiny)
+    base = tmp_path / "runs" / "tiny"
+    continued = run_tiny([*tiny, "run.name=continued", f"model.path={base}", "train.max_steps=1",
+                          "train.learning_rate=1e-9", "train.warmup_steps=0"])
+    first = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    second = AutoModelForCausalLM.from_pretrained(continued.run_dir).state_dict()
+    assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+    assert (continued.run_dir / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
