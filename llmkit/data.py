@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from llmkit.corpora import BUILTIN_CORPORA
 from llmkit.errors import LlmkitError
@@ -74,20 +75,30 @@ def fingerprint(documents: list[str]) -> str:
 
 
 def load_documents(source: str, settings: DataSettings) -> list[str]:
-    """All non-empty documents of a source, in order."""
-    if source in BUILTIN_CORPORA:
-        documents = BUILTIN_CORPORA[source]()
-    elif Path(source).exists():
-        documents = [doc for path in data_files(Path(source)) for doc in read_file(path, settings)]
-    elif HUB_NAME.fullmatch(source) and not source.endswith(SUFFIXES):
-        documents = read_hub_dataset(source, settings)
-    else:
-        raise LlmkitError(f"data source not found: {source} (expected a file, a folder, a hub dataset "
-                          f"'owner/name', or a built-in corpus: {', '.join(BUILTIN_CORPORA)})")
-    documents = [doc for doc in documents if doc.strip()]
+    """All non-empty text documents of a source, in order."""
+    rows = load_rows(source, [settings.text_column], settings.document, settings.hub_config, settings.hub_split)
+    documents = [row[settings.text_column] for row in rows if row[settings.text_column].strip()]
     if not documents:
         raise LlmkitError(f"data source {source} holds no text")
     return documents
+
+
+def load_rows(source: str, columns: Sequence[str], document: str = "line", hub_config: str = "",
+              hub_split: str = "train") -> list[dict]:
+    """The rows of a source, in order, each checked to carry `columns` (the first one is the text)."""
+    if source in BUILTIN_CORPORA:
+        rows = BUILTIN_CORPORA[source]()
+        check_columns(rows[0] if rows else {}, columns, f"built-in corpus {source}")
+    elif Path(source).exists():
+        rows = [row for path in data_files(Path(source)) for row in read_file(path, columns, document)]
+    elif HUB_NAME.fullmatch(source) and not source.endswith(SUFFIXES):
+        rows = read_hub_dataset(source, columns, hub_config, hub_split)
+    else:
+        raise LlmkitError(f"data source not found: {source} (expected a file, a folder, a hub dataset "
+                          f"'owner/name', or a built-in corpus: {', '.join(BUILTIN_CORPORA)})")
+    if not rows:
+        raise LlmkitError(f"data source {source} holds no text")
+    return rows
 
 
 def data_files(path: Path) -> list[Path]:
@@ -101,9 +112,14 @@ def data_files(path: Path) -> list[Path]:
     return files
 
 
-def read_file(path: Path, settings: DataSettings) -> list[str]:
-    readers = {".txt": read_txt, ".jsonl": read_jsonl, ".csv": read_csv, ".parquet": read_parquet}
-    return readers[path.suffix](path, settings)
+def read_file(path: Path, columns: Sequence[str], document: str) -> list[dict]:
+    if path.suffix == ".txt":
+        if len(columns) > 1:
+            raise LlmkitError(f"{path}: a .txt file holds only text; give {', '.join(columns)} in .jsonl or .csv")
+        text = read_text(path)
+        return [{columns[0]: doc} for doc in ([text] if document == "file" else text.splitlines())]
+    readers = {".jsonl": read_jsonl, ".csv": read_csv, ".parquet": read_parquet}
+    return readers[path.suffix](path, columns)
 
 
 def read_text(path: Path) -> str:
@@ -116,13 +132,8 @@ def read_text(path: Path) -> str:
         raise LlmkitError(f"{path}:{line}: not UTF-8 text") from None
 
 
-def read_txt(path: Path, settings: DataSettings) -> list[str]:
-    text = read_text(path)
-    return [text] if settings.document == "file" else text.splitlines()
-
-
-def read_jsonl(path: Path, settings: DataSettings) -> list[str]:
-    documents = []
+def read_jsonl(path: Path, columns: Sequence[str]) -> list[dict]:
+    rows = []
     for number, line in enumerate(read_text(path).split("\n"), 1):  # not splitlines: JSON may hold U+2028
         if not line.strip():
             continue
@@ -130,42 +141,48 @@ def read_jsonl(path: Path, settings: DataSettings) -> list[str]:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise LlmkitError(f"{path}:{number}: not a JSON object") from None
-        documents.append(text_field(row, settings.text_column, f"{path}:{number}"))
-    return documents
+        rows.append(check_columns(row, columns, f"{path}:{number}"))
+    return rows
 
 
-def read_csv(path: Path, settings: DataSettings) -> list[str]:
-    rows = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    if settings.text_column not in (rows.fieldnames or []):
-        raise LlmkitError(f"{path}: no column '{settings.text_column}' (columns: {rows.fieldnames}); "
-                          f"set data.text_column")
-    return [text_field(row, settings.text_column, f"{path}:{rows.line_num}") for row in rows]
+def read_csv(path: Path, columns: Sequence[str]) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    check_header(reader.fieldnames or [], columns, str(path))
+    return [check_columns(row, columns, f"{path}:{reader.line_num}") for row in reader]
 
 
-def read_parquet(path: Path, settings: DataSettings) -> list[str]:
+def read_parquet(path: Path, columns: Sequence[str]) -> list[dict]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    if settings.text_column not in table.column_names:
-        raise LlmkitError(f"{path}: no column '{settings.text_column}' (columns: {table.column_names}); "
-                          f"set data.text_column")
-    return [text or "" for text in table.column(settings.text_column).to_pylist()]
+    check_header(table.column_names, columns, str(path))
+    return [check_columns(row, columns, f"{path}: row {number}") for number, row in enumerate(table.to_pylist(), 1)]
 
 
-def read_hub_dataset(name: str, settings: DataSettings) -> list[str]:
+def read_hub_dataset(name: str, columns: Sequence[str], config: str, split: str) -> list[dict]:
     import datasets
 
-    dataset = datasets.load_dataset(name, settings.hub_config or None, split=settings.hub_split)
-    if settings.text_column not in dataset.column_names:
-        raise LlmkitError(f"hub dataset {name}: no column '{settings.text_column}' "
-                          f"(columns: {dataset.column_names}); set data.text_column")
-    return dataset[settings.text_column]
+    dataset = datasets.load_dataset(name, config or None, split=split)
+    check_header(dataset.column_names, columns, f"hub dataset {name}")
+    return dataset.select_columns(list(columns)).to_list()
 
 
-def text_field(row: object, column: str, where: str) -> str:
-    if not isinstance(row, dict) or not isinstance(row.get(column), str):
-        raise LlmkitError(f"{where}: expected a '{column}' text field (set data.text_column)")
-    return row[column]
+def check_header(names: Sequence[str], columns: Sequence[str], where: str) -> None:
+    missing = [column for column in columns if column not in names]
+    if missing:
+        raise LlmkitError(f"{where}: no column '{missing[0]}' (columns: {list(names)}); set the recipe's column names")
+
+
+def check_columns(row: object, columns: Sequence[str], where: str) -> dict:
+    """A row that has every column, with text (the first column) as a string."""
+    if not isinstance(row, dict):
+        raise LlmkitError(f"{where}: expected a JSON object with {', '.join(repr(c) for c in columns)}")
+    for column in columns:
+        if row.get(column) is None:
+            raise LlmkitError(f"{where}: expected a '{column}' field (set the recipe's column names)")
+    if not isinstance(row[columns[0]], str):
+        raise LlmkitError(f"{where}: expected the '{columns[0]}' field to be text, got {row[columns[0]]!r}")
+    return row
 
 
 def pack_blocks(documents: list[str], tokenizer, block_size: int, cache_dir: Path | None = None):

@@ -124,11 +124,21 @@ class TrainSettings:
 @dataclass
 class GenerateSettings:
     prompts: list[str] = field(default_factory=lambda: ["昨天天气很"])  # shown as samples during training
+    model: str = field(default="", metadata=PATH)  # `llmkit generate`: run, model or adapter dir, or hub id; "" = <run.output_dir>/latest
     max_new_tokens: int = 40
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 0.95
-    repetition_penalty: float = 1.1
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # sample among the k likeliest tokens; 0 = all
+    top_p: float = 0.95  # nucleus sampling: the likeliest tokens that make up this probability
+    repetition_penalty: float = 1.1  # > 1 discourages repeating tokens already in the text
+    greedy: bool = False  # always take the likeliest token (no sampling)
+    num_beams: int = 1  # beam search with this many beams; 1 = none
+    num_return_sequences: int = 1  # continuations per prompt
+    stop: list[str] = field(default_factory=list)  # stop strings: output is cut at the first one
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # auto: cuda, then mps, then cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16/fp16 on GPUs
+    batch_size: int = 8  # prompts per batch with --input
+    prompt_field: str = "prompt"  # field holding the prompt in a .jsonl --input
+    output_field: str = "generated"  # field added to each row of the --output
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -137,6 +147,25 @@ class GenerateSettings:
             raise LlmkitError(f"generate.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise LlmkitError(f"generate.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise LlmkitError(f"generate.top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise LlmkitError(f"generate.repetition_penalty must be positive, got {self.repetition_penalty}")
+        for key in ("num_beams", "num_return_sequences", "batch_size"):
+            if getattr(self, key) < 1:
+                raise LlmkitError(f"generate.{key} must be at least 1, got {getattr(self, key)}")
+        if self.num_return_sequences > self.num_beams and self.num_beams > 1:
+            raise LlmkitError(f"generate.num_return_sequences ({self.num_return_sequences}) cannot exceed "
+                              f"generate.num_beams ({self.num_beams})")
+        if self.num_return_sequences > 1 and self.num_beams == 1 and not self.sampling:
+            raise LlmkitError("generate.num_return_sequences > 1 needs sampling (temperature > 0, not greedy) "
+                              "or beam search (num_beams >= num_return_sequences)")
+        if any(not stop for stop in self.stop):
+            raise LlmkitError("generate.stop: a stop string cannot be empty")
+
+    @property
+    def sampling(self) -> bool:
+        return not self.greedy and self.temperature > 0
 
 
 @dataclass

@@ -123,7 +123,7 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path):
 
 def test_jsonl_row_without_the_text_field_names_line_and_field(tmp_path):
     path = write(tmp_path / "rows.jsonl", '{"text": "a"}\n{"content": "b"}\n')
-    with pytest.raises(LlmkitError, match=r"rows\.jsonl:2: expected a 'text' text field"):
+    with pytest.raises(LlmkitError, match=r"rows\.jsonl:2: expected a 'text' field"):
         load(path)
 
 
@@ -142,7 +142,7 @@ def test_csv_without_the_text_column_names_the_column(tmp_path):
 
 def test_csv_row_missing_the_text_names_the_line(tmp_path):
     path = write(tmp_path / "short.csv", "id,text\n1,fine\n2\n")
-    with pytest.raises(LlmkitError, match=r"short\.csv:3: expected a 'text' text field"):
+    with pytest.raises(LlmkitError, match=r"short\.csv:3: expected a 'text' field"):
         load(path)
 
 

@@ -1,0 +1,280 @@
+"""llmkit generate: on a tiny random llama with a char tokenizer (no training, no download)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+from llmkit.errors import LlmkitError
+from llmkit.settings import GenerateSettings
+
+torch = pytest.importorskip("torch")
+
+from llmkit import generate as gen  # noqa: E402
+
+runner = CliRunner()
+GREEDY = GenerateSettings(max_new_tokens=8, greedy=True, repetition_penalty=1.0)
+SAMPLE = GenerateSettings(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def build_tiny(path, d_model=32, chat_template=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmkit.corpora import peoples_daily
+    from llmkit.settings import TokenizerSettings
+    from llmkit.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(peoples_daily()[:200], TokenizerSettings(vocab_size=2000), "causal")
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return gen.load_model(str(tiny_dir))
+
+
+def test_seeded_sampling_is_reproducible_and_seed_matters(tiny):
+    model, tokenizer = tiny
+    first = gen.generate_text(model, tokenizer, "昨天天气很", SAMPLE, seed=1).text
+    again = gen.generate_text(model, tokenizer, "昨天天气很", SAMPLE, seed=1).text
+    other = gen.generate_text(model, tokenizer, "昨天天气很", SAMPLE, seed=2).text
+    assert first == again and first != other and len(first) > 0
+
+
+def test_stop_string_cuts_text_and_ends_generation(tiny):
+    model, tokenizer = tiny
+    full = gen.generate_text(model, tokenizer, "今天", GREEDY).text
+    stop = full[3]
+    stopped = gen.generate_text(model, tokenizer, "今天", replace(GREEDY, stop=[stop]))
+    assert stopped.text == full[:full.index(stop)]
+    assert stopped.new_tokens <= full.index(stop) + 1 < GREEDY.max_new_tokens
+
+
+def test_streaming_equals_non_streaming_greedy(tiny):
+    model, tokenizer = tiny
+    for settings in (GREEDY, replace(GREEDY, stop=["\u3002"])):
+        pieces: list[str] = []
+        streamed = gen.generate_text(model, tokenizer, "我们", settings, stream=pieces.append)
+        plain = gen.generate_text(model, tokenizer, "我们", settings)
+        assert "".join(pieces) == streamed.text == plain.text
+        assert len(pieces) > 1 and streamed.first_token_seconds is not None
+
+
+def test_batch_matches_single_prompts_with_left_padding(tiny):
+    model, tokenizer = tiny
+    prompts = ["昨天天气很", "今天", "我们的国家"]
+    batched = gen.generate_batch(model, tokenizer, prompts, GREEDY, batch_size=2)
+    single = [gen.generate_text(model, tokenizer, p, GREEDY).text for p in prompts]
+    assert [texts[0] for texts in batched] == single
+    with pytest.raises(LlmkitError, match="prompt 2: empty prompt"):
+        gen.generate_batch(model, tokenizer, ["a", " "], GREEDY)
+
+
+def test_batch_files_keep_fields_and_order(tiny, tmp_path):
+    model, tokenizer = tiny
+    source = tmp_path / "prompts.jsonl"
+    source.write_text('{"id": 1, "prompt": "今天"}\n\n{"id": 2, "prompt": "我们", "tag": "x"}\n', encoding="utf-8")
+    out = tmp_path / "results.jsonl"
+    gen.run_batch(model, tokenizer, source, out, GREEDY)
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [(r["id"], r["prompt"]) for r in rows] == [(1, "今天"), (2, "我们")] and rows[1]["tag"] == "x"
+    assert rows[0]["generated"] == gen.generate_text(model, tokenizer, "今天", GREEDY).text
+    text_source = tmp_path / "prompts.txt"
+    text_source.write_text("今天\n我们\n", encoding="utf-8")
+    text_out = tmp_path / "results.txt"
+    gen.run_batch(model, tokenizer, text_source, text_out, GREEDY)
+    lines = text_out.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and lines[0].startswith("今天") and lines[1].startswith("我们")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a"}\n{"prompt": \n', "bad.jsonl:2: not valid JSON"),
+    ('{"text": "a"}\n', "bad.jsonl:1: no 'prompt' field"),
+    ('{"prompt": ""}\n', "bad.jsonl:1: empty prompt"),
+])
+def test_bad_input_line_is_named(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(LlmkitError, match=message):
+        gen.read_prompts(path)
+
+
+def test_adapter_directory_loads_onto_its_base(tiny_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model, tokenizer = gen.load_model(str(tmp_path / "adapter"))
+    ids = torch.tensor([tokenizer("今天")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, lora(ids).logits, atol=1e-5)
+        assert not torch.allclose(model(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_dir)(ids).logits)
+    assert gen.generate_text(model, tokenizer, "今天", GREEDY).text
+
+
+def test_quantized_directory_loads_as_saved(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    source = build_tiny(tmp_path / "full", d_model=64)
+    quantized = AutoModelForCausalLM.from_pretrained(source, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                     device_map={"": "cpu"})
+    quantized.save_pretrained(tmp_path / "int8")
+    (tmp_path / "int8" / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
+    (tmp_path / "int8" / "tokenizer_config.json").write_bytes((source / "tokenizer_config.json").read_bytes())
+    assert "quantization_config" in json.loads((tmp_path / "int8" / "config.json").read_text())
+    model, tokenizer = gen.load_model(str(tmp_path / "int8"))
+    assert getattr(model, "is_loaded_in_8bit", False) or model.config.quantization_config
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    assert gen.generate_text(model, tokenizer, "今天", GREEDY).new_tokens > 0
+
+
+def test_chat_template_applied_to_history(tiny_dir, tmp_path):
+    model, tokenizer = gen.load_model(str(tiny_dir))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    session = gen.ChatSession(model, tokenizer, GREEDY, seed=0)
+    first = session.reply("你好")
+    expected = f"<s>user:你好\n<s>assistant:{first.text}\n<s>user:再见\n<s>assistant:"
+    session.history.append({"role": "user", "content": "再见"})
+    assert session.prompt_text() == expected
+    assert session.prompt_ids() == tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert session.prompt_ids().count(tokenizer.bos_token_id) == 4
+    session.reset()
+    assert session.history == []
+
+
+def test_chat_without_template_continues_history_as_text(tiny):
+    model, tokenizer = tiny
+    session = gen.ChatSession(model, tokenizer, GREEDY)
+    assert not session.templated
+    reply = session.reply("你好")
+    session.history.append({"role": "user", "content": "再见"})
+    assert session.prompt_text() == f"你好\n{reply.text}\n再见"
+
+
+def test_cli_chat_reset_exit_and_ctrl_d(tiny_dir):
+    result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--chat", "--max-new-tokens", "3"],
+                           input="你好\n/reset\n/exit\n")
+    assert result.exit_code == 0 and "model> " in result.stdout and "history cleared" in result.stderr
+    assert "no chat template" in result.stderr
+    result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--chat", "--max-new-tokens", "3"],
+                           input="你好\n")
+    assert result.exit_code == 0
+
+
+def test_latest_run_is_the_default(tiny_dir, tmp_path, monkeypatch):
+    from llmkit.rundir import point_latest
+
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["generate", "--prompt", "今天"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: no trained model found in runs/; train one with "
+                                     "`llmkit pretrain pretrain-zh-tiny` or pass --model")
+    run = tmp_path / "elsewhere" / "my-run"
+    run.parent.mkdir()
+    run.symlink_to(tiny_dir, target_is_directory=True)
+    point_latest(run)
+    assert Path(gen.resolve_model(None, "elsewhere")).resolve() == tiny_dir.resolve()
+    (tmp_path / "elsewhere" / "latest").unlink()
+    (tmp_path / "elsewhere" / "latest").write_text("my-run\n")  # where symlinks are not available
+    assert gen.resolve_model(None, "elsewhere") == str(Path("elsewhere") / "my-run")
+    result = runner.invoke(app, ["generate", "--set", "run.output_dir=elsewhere", "--prompt", "今天",
+                                 "--greedy", "--max-new-tokens", "4"])
+    assert result.exit_code == 0 and result.stdout.startswith("今天")
+
+
+def test_cli_generates_clean_stdout_and_summary_on_stderr(tiny_dir, tiny, recipe_file):
+    model, tokenizer = tiny
+    recipe = recipe_file('[generate]\nmax_new_tokens = 4\ngreedy = true\nrepetition_penalty = 1.0\n')
+    result = runner.invoke(app, ["generate", str(recipe), "--model", str(tiny_dir), "--prompt", "今天",
+                                 "--max-new-tokens", "6"])
+    assert result.exit_code == 0
+    expected = "今天" + gen.generate_text(model, tokenizer, "今天", replace(GREEDY, max_new_tokens=6)).text
+    assert result.stdout == expected + "\n"
+    assert "new tokens" in result.stderr and "tokens/s" in result.stderr and "first token" in result.stderr
+
+
+def test_cli_seeds_and_stop(tiny_dir):
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "今天", "--temperature", "1", "--top-k", "0",
+            "--max-new-tokens", "6"]
+    one, same = (runner.invoke(app, args + ["--seed", "3"]).stdout for _ in range(2))
+    assert one == same
+    greedy = runner.invoke(app, args + ["--greedy"]).stdout.rstrip("\n")
+    stopped = runner.invoke(app, args + ["--greedy", "--stop", greedy[4], "--stop", "never"]).stdout
+    assert stopped == greedy[:greedy.index(greedy[4])] + "\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", ""], "error: --prompt: empty prompt"),
+    (["--prompt", "x", "--top-p", "2"], "error: generate.top_p must be in (0, 1], got 2.0"),
+    (["--prompt", "x", "--device", "tpu"], "error: --device: generate.device must be one of"),
+    (["--prompt", "x", "--model", "tests"], "error: tests: not a model (no config.json or adapter_config.json)"),
+    (["--input", "BAD"], "bad.jsonl:2: not valid JSON"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tiny_dir, tmp_path, args, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\nnot json\n', encoding="utf-8")
+    args = [str(bad) if arg == "BAD" else arg for arg in args]
+    model = [] if "--model" in args else ["--model", str(tiny_dir)]
+    result = runner.invoke(app, ["generate", *model, *args])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def test_cli_batch_writes_output(tiny_dir, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("今天\n昨天\n我们\n", encoding="utf-8")
+    result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--input", str(source), "--output",
+                                 str(tmp_path / "out.jsonl"), "--batch-size", "2", "--max-new-tokens", "3"])
+    assert result.exit_code == 0 and result.stdout == ""
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [row["prompt"] for row in rows] == ["今天", "昨天", "我们"] and all("generated" in row for row in rows)
+
+
+def test_attention_plot_written(tiny_dir, tmp_path):
+    plot = tmp_path / "attn.png"
+    result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--prompt", "昨天天气很", "--greedy",
+                                 "--max-new-tokens", "4", "--attention-plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 1000
+    single = tmp_path / "one.png"
+    result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--prompt", "昨天", "--max-new-tokens", "2",
+                                 "--attention-plot", str(single), "--attention-layer", "1", "--attention-head", "0"])
+    assert result.exit_code == 0 and single.stat().st_size > 1000
+    result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--prompt", "昨天", "--max-new-tokens", "2",
+                                 "--attention-plot", str(single), "--attention-layer", "5"])
+    assert result.exit_code == 2 and "--attention-layer 5" in result.stderr
+
+
+def test_attention_weights_shape(tiny):
+    model, tokenizer = tiny
+    generation = gen.generate_text(model, tokenizer, "昨天", GREEDY)
+    tokens, weights = gen.attention_weights(model, tokenizer, generation.ids)
+    assert weights.shape == (2, 2, len(tokens), len(tokens)) and len(tokens) == len(generation.ids)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 2, len(tokens)), atol=1e-4)
+    assert model.config._attn_implementation != "eager" or True
