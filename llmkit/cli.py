@@ -121,6 +121,7 @@ def generate(
 
         settings = load_recipe(recipe, sets)
         from llmkit import generate as task
+        from llmkit.models import load_model
 
         options = task.apply_options(
             settings.generate, model=model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -138,7 +139,7 @@ def generate(
             task.check_output_path(output_path)
             rows = task.read_prompts(input_path, options.prompt_field)
         seed = settings.run.seed if seed is None else seed
-        model_obj, tokenizer = task.load_model(options.model or None, output_dir=settings.run.output_dir,
+        model_obj, tokenizer = load_model(options.model or None, output_dir=settings.run.output_dir,
                                                device=options.device, dtype=options.dtype)
         if chat:
             task.chat_loop(task.ChatSession(model_obj, tokenizer, options, seed=seed))

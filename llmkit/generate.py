@@ -1,6 +1,7 @@
 """`llmkit generate`: write text with a trained model, as plain functions the CLI calls.
 
-    from llmkit.generate import load_model, generate_text, generate_batch
+    from llmkit.models import load_model
+    from llmkit.generate import generate_text, generate_batch
     from llmkit.settings import GenerateSettings
 
     model, tokenizer = load_model()                      # runs/latest; or a run/model/adapter dir, a hub id
@@ -21,154 +22,20 @@ import re
 import sys
 import time
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
 from llmkit.errors import LlmkitError
 from llmkit.generation import cut_at_stop, generation_kwargs
-from llmkit.rundir import LATEST
 from llmkit.settings import GenerateSettings
 
-NO_MODEL = ("no trained model found in {output_dir}/; train one with `llmkit pretrain pretrain-zh-tiny` "
-            "or pass --model")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans SC", "Noto Serif CJK SC",
              "Source Han Sans SC", "Source Han Sans CN", "Source Han Sans", "WenQuanYi Micro Hei",
              "WenQuanYi Zen Hei", "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "Hiragino Sans GB",
              "Droid Sans Fallback", "AR PL UMing CN", "AR PL UKai CN", "Arial Unicode MS")
 FONT_PACKAGES = ("mplfonts", "noto_cjk_sans_otc", "noto_cjk")  # pip packages that ship CJK fonts
 CJK_CHAR = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
-
-
-# ---------------------------------------------------------------- models
-
-
-def resolve_model(model: str | None = None, output_dir: str | Path = "runs") -> str:
-    """The model to load: `model` as given, or the newest run (<output_dir>/latest)."""
-    if model:
-        path = Path(model).expanduser()
-        if path.exists():
-            if path.is_dir() and any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
-                return str(path)
-            hint = " (a run without its final model? pass a checkpoint folder)" if (path / "checkpoints").is_dir() else ""
-            raise LlmkitError(f"{model}: not a model (no config.json or adapter_config.json){hint}")
-        if model.startswith((".", "/", "~")) or model.count("/") > 1:
-            raise LlmkitError(f"model not found: {model}")
-        return model  # a hub id such as Qwen/Qwen2.5-0.5B
-    latest = Path(output_dir) / LATEST
-    if latest.is_file():  # a text file naming the run (where symlinks are not available)
-        latest = latest.parent / latest.read_text(encoding="utf-8").strip()
-    if not latest.is_dir():
-        raise LlmkitError(NO_MODEL.format(output_dir=str(output_dir).rstrip("/")))
-    return resolve_model(str(latest))
-
-
-def pick_device(device: str = "auto") -> str:
-    import torch
-
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if device == "auto":
-        return "cuda" if cuda else "mps" if mps else "cpu"
-    if (device == "cuda" and not cuda) or (device == "mps" and not mps):
-        raise LlmkitError(f"--device {device}: not available on this machine")
-    return device
-
-
-def pick_dtype(dtype: str, device: str):
-    """auto: fp32 on CPU (bf16 there is slow without AMX), bf16 (else fp16) on CUDA, fp16 on MPS."""
-    import torch
-
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device == "mps" else torch.float32
-
-
-def load_model(model: str | None = None, *, output_dir: str | Path = "runs", device: str = "auto",
-               dtype: str = "auto"):
-    """(model, tokenizer) ready for generation: eval mode, on the device, left padding for batches."""
-    from transformers.utils import logging as hf_logging
-
-    source = resolve_model(model, output_dir)
-    device = pick_device(device)
-    path = Path(source)
-    quiet = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
-    if quiet:  # no "Loading weights" bars in logs and captured stderr
-        hf_logging.disable_progress_bar()
-    try:
-        if (path / "adapter_config.json").is_file():
-            loaded, tokenizer = load_adapter(path, device, dtype)
-        else:
-            loaded = load_causal_lm(source, device, dtype)
-            tokenizer = load_tokenizer(source)
-    finally:
-        if quiet:
-            hf_logging.enable_progress_bar()
-    loaded.eval()
-    return loaded, prepare_tokenizer(tokenizer)
-
-
-def load_causal_lm(source: str, device: str, dtype: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise LlmkitError(f"cannot load a model from {source}: {first_line(error)}") from None
-    quantized = getattr(config, "quantization_config", None) is not None
-    # A quantized model loads as saved (its weights cannot be cast or moved after loading).
-    kwargs = {"device_map": {"": device}} if quantized else {"dtype": pick_dtype(dtype, device)}
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as error:
-        raise LlmkitError(f"cannot load a causal language model from {source}: {first_line(error)}") from None
-    except ImportError as error:
-        raise LlmkitError(f"{source}: {first_line(error)}") from None
-    return loaded if quantized else loaded.to(device)
-
-
-def load_adapter(path: Path, device: str, dtype: str):
-    """A PEFT adapter on its base model (merged into it, unless the base is quantized)."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise LlmkitError(f"{path} is a PEFT adapter; loading it needs peft: pip install peft") from None
-    try:
-        adapter_config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise LlmkitError(f"{path / 'adapter_config.json'}: cannot read: {error}") from None
-    base = adapter_config.get("base_model_name_or_path")
-    if not base:
-        raise LlmkitError(f"{path / 'adapter_config.json'}: no base_model_name_or_path")
-    if not Path(base).expanduser().exists() and (path / base).exists():
-        base = str(path / base)  # relative to the adapter
-    base_source = resolve_model(base)
-    base_model = load_causal_lm(base_source, device, dtype)
-    model = PeftModel.from_pretrained(base_model, str(path))
-    if getattr(base_model.config, "quantization_config", None) is None:
-        model = model.merge_and_unload()
-    has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
-    return model, load_tokenizer(str(path) if has_tokenizer else base_source)
-
-
-def load_tokenizer(source: str):
-    from llmkit.tokenizer import load_tokenizer as load
-
-    return load(source)
-
-
-def prepare_tokenizer(tokenizer):
-    tokenizer.padding_side = "left"  # batches: every prompt ends where generation starts
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ---------------------------------------------------------------- settings from options

@@ -33,7 +33,7 @@ def load_tokenizer(path: str):
 
 def train_tokenizer(documents: list[str], settings: TokenizerSettings, objective: str):
     """Train on the training documents; the result is ready for save_pretrained."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     special = SPECIAL_TOKENS[objective]

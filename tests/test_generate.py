@@ -16,6 +16,7 @@ from llmkit.settings import GenerateSettings
 torch = pytest.importorskip("torch")
 
 from llmkit import generate as gen  # noqa: E402
+from llmkit import models  # noqa: E402
 
 runner = CliRunner()
 GREEDY = GenerateSettings(max_new_tokens=8, greedy=True, repetition_penalty=1.0)
@@ -31,7 +32,7 @@ def build_tiny(path, d_model=32, chat_template=None):
     from llmkit.settings import TokenizerSettings
     from llmkit.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(peoples_daily()[:200], TokenizerSettings(vocab_size=2000), "causal")
+    tokenizer = train_tokenizer([row["text"] for row in peoples_daily()[:200]], TokenizerSettings(vocab_size=2000), "causal")
     if chat_template:
         tokenizer.chat_template = chat_template
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
@@ -52,7 +53,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
-    return gen.load_model(str(tiny_dir))
+    return models.load_model(str(tiny_dir))
 
 
 def test_seeded_sampling_is_reproducible_and_seed_matters(tiny):
@@ -129,7 +130,7 @@ def test_adapter_directory_loads_onto_its_base(tiny_dir, tmp_path):
     lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model, tokenizer = gen.load_model(str(tmp_path / "adapter"))
+    model, tokenizer = models.load_model(str(tmp_path / "adapter"))
     ids = torch.tensor([tokenizer("今天")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, lora(ids).logits, atol=1e-5)
@@ -148,14 +149,14 @@ def test_quantized_directory_loads_as_saved(tmp_path):
     (tmp_path / "int8" / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
     (tmp_path / "int8" / "tokenizer_config.json").write_bytes((source / "tokenizer_config.json").read_bytes())
     assert "quantization_config" in json.loads((tmp_path / "int8" / "config.json").read_text())
-    model, tokenizer = gen.load_model(str(tmp_path / "int8"))
+    model, tokenizer = models.load_model(str(tmp_path / "int8"))
     assert getattr(model, "is_loaded_in_8bit", False) or model.config.quantization_config
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
     assert gen.generate_text(model, tokenizer, "今天", GREEDY).new_tokens > 0
 
 
 def test_chat_template_applied_to_history(tiny_dir, tmp_path):
-    model, tokenizer = gen.load_model(str(tiny_dir))
+    model, tokenizer = models.load_model(str(tiny_dir))
     tokenizer.chat_template = CHAT_TEMPLATE
     session = gen.ChatSession(model, tokenizer, GREEDY, seed=0)
     first = session.reply("你好")
@@ -199,10 +200,10 @@ def test_latest_run_is_the_default(tiny_dir, tmp_path, monkeypatch):
     run.parent.mkdir()
     run.symlink_to(tiny_dir, target_is_directory=True)
     point_latest(run)
-    assert Path(gen.resolve_model(None, "elsewhere")).resolve() == tiny_dir.resolve()
+    assert Path(models.resolve_model(None, "elsewhere")).resolve() == tiny_dir.resolve()
     (tmp_path / "elsewhere" / "latest").unlink()
     (tmp_path / "elsewhere" / "latest").write_text("my-run\n")  # where symlinks are not available
-    assert gen.resolve_model(None, "elsewhere") == str(Path("elsewhere") / "my-run")
+    assert models.resolve_model(None, "elsewhere") == str(Path("elsewhere") / "my-run")
     result = runner.invoke(app, ["generate", "--set", "run.output_dir=elsewhere", "--prompt", "今天",
                                  "--greedy", "--max-new-tokens", "4"])
     assert result.exit_code == 0 and result.stdout.startswith("今天")
