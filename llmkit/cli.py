@@ -164,6 +164,25 @@ def generate(
                 error_console.print(f"attention plot: {path}", markup=False)
 
 
+@app.command("eval", epilog="Examples:\n\n  llmkit eval eval-ppl\n\n"
+                            "  llmkit eval eval-ppl --model runs/pretrain-zh-tiny --model runs/pretrain-zh-small\n\n"
+                            "  llmkit eval my-tasks.toml --limit 100 --set eval.output=quick.json")
+def eval_command(recipe: str = RecipeArg, sets: List[str] = SetOpt,
+                 models: List[str] = typer.Option([], "--model", "-m",
+                                                  help="Model to score instead of the recipe's (repeatable)."),
+                 limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N examples.")):
+    """Score models on tasks side by side: perplexity, accuracy/F1, entity F1, EM, BLEU."""
+    with reporting_errors():
+        from llmkit.recipe import load_recipe
+
+        settings = load_recipe(recipe, sets)
+        if limit is not None and limit < 1:
+            raise LlmkitError(f"--limit must be at least 1, got {limit}")
+        from llmkit import evaluate as task
+
+        task.run(settings, models=models or None, limit=limit)
+
+
 def not_built(command: str, issue: int) -> None:
     from llmkit.console import error_console
 
@@ -173,8 +192,7 @@ def not_built(command: str, issue: int) -> None:
 
 
 UNBUILT = {"finetune": (4, "Adapt a model to a task (full, LoRA, QLoRA, prompt tuning)."),
-           "quantize": (7, "Compress a model and report what it cost."),
-           "eval": (3, "Score models side by side.")}
+           "quantize": (7, "Compress a model and report what it cost.")}
 for _name, (_issue, _help) in UNBUILT.items():
     app.command(_name, help=f"{_help} (not built yet: issue #{_issue})",
                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(

@@ -84,15 +84,16 @@ def load_documents(source: str, settings: DataSettings) -> list[str]:
 
 
 def load_rows(source: str, columns: Sequence[str], document: str = "line", hub_config: str = "",
-              hub_split: str = "train") -> list[dict]:
-    """The rows of a source, in order, each checked to carry `columns` (the first one is the text)."""
+              hub_split: str = "train", text_columns: int = 1) -> list[dict]:
+    """The rows of a source, in order, each checked to carry `columns`, the first `text_columns` of
+    them as text."""
     if source in BUILTIN_CORPORA:
         rows = BUILTIN_CORPORA[source]()
-        check_columns(rows[0] if rows else {}, columns, f"built-in corpus {source}")
+        check_columns(rows[0] if rows else {}, columns, text_columns, f"built-in corpus {source}")
     elif Path(source).exists():
-        rows = [row for path in data_files(Path(source)) for row in read_file(path, columns, document)]
+        rows = [row for path in data_files(Path(source)) for row in read_file(path, columns, text_columns, document)]
     elif HUB_NAME.fullmatch(source) and not source.endswith(SUFFIXES):
-        rows = read_hub_dataset(source, columns, hub_config, hub_split)
+        rows = read_hub_dataset(source, columns, text_columns, hub_config, hub_split)
     else:
         raise LlmkitError(f"data source not found: {source} (expected a file, a folder, a hub dataset "
                           f"'owner/name', or a built-in corpus: {', '.join(BUILTIN_CORPORA)})")
@@ -112,14 +113,14 @@ def data_files(path: Path) -> list[Path]:
     return files
 
 
-def read_file(path: Path, columns: Sequence[str], document: str) -> list[dict]:
+def read_file(path: Path, columns: Sequence[str], text_columns: int, document: str) -> list[dict]:
     if path.suffix == ".txt":
         if len(columns) > 1:
             raise LlmkitError(f"{path}: a .txt file holds only text; give {', '.join(columns)} in .jsonl or .csv")
         text = read_text(path)
         return [{columns[0]: doc} for doc in ([text] if document == "file" else text.splitlines())]
     readers = {".jsonl": read_jsonl, ".csv": read_csv, ".parquet": read_parquet}
-    return readers[path.suffix](path, columns)
+    return readers[path.suffix](path, columns, text_columns)
 
 
 def read_text(path: Path) -> str:
@@ -132,7 +133,7 @@ def read_text(path: Path) -> str:
         raise LlmkitError(f"{path}:{line}: not UTF-8 text") from None
 
 
-def read_jsonl(path: Path, columns: Sequence[str]) -> list[dict]:
+def read_jsonl(path: Path, columns: Sequence[str], text_columns: int) -> list[dict]:
     rows = []
     for number, line in enumerate(read_text(path).split("\n"), 1):  # not splitlines: JSON may hold U+2028
         if not line.strip():
@@ -141,30 +142,32 @@ def read_jsonl(path: Path, columns: Sequence[str]) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise LlmkitError(f"{path}:{number}: not a JSON object") from None
-        rows.append(check_columns(row, columns, f"{path}:{number}"))
+        rows.append(check_columns(row, columns, text_columns, f"{path}:{number}"))
     return rows
 
 
-def read_csv(path: Path, columns: Sequence[str]) -> list[dict]:
+def read_csv(path: Path, columns: Sequence[str], text_columns: int) -> list[dict]:
     reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     check_header(reader.fieldnames or [], columns, str(path))
-    return [check_columns(row, columns, f"{path}:{reader.line_num}") for row in reader]
+    return [check_columns(row, columns, text_columns, f"{path}:{reader.line_num}") for row in reader]
 
 
-def read_parquet(path: Path, columns: Sequence[str]) -> list[dict]:
+def read_parquet(path: Path, columns: Sequence[str], text_columns: int) -> list[dict]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
     check_header(table.column_names, columns, str(path))
-    return [check_columns(row, columns, f"{path}: row {number}") for number, row in enumerate(table.to_pylist(), 1)]
+    return [check_columns(row, columns, text_columns, f"{path}: row {number}")
+            for number, row in enumerate(table.to_pylist(), 1)]
 
 
-def read_hub_dataset(name: str, columns: Sequence[str], config: str, split: str) -> list[dict]:
+def read_hub_dataset(name: str, columns: Sequence[str], text_columns: int, config: str, split: str) -> list[dict]:
     import datasets
 
     dataset = datasets.load_dataset(name, config or None, split=split)
     check_header(dataset.column_names, columns, f"hub dataset {name}")
-    return dataset.select_columns(list(columns)).to_list()
+    rows = dataset.select_columns(list(columns)).to_list()
+    return [check_columns(row, columns, text_columns, f"hub dataset {name}: row {n}") for n, row in enumerate(rows, 1)]
 
 
 def check_header(names: Sequence[str], columns: Sequence[str], where: str) -> None:
@@ -173,15 +176,16 @@ def check_header(names: Sequence[str], columns: Sequence[str], where: str) -> No
         raise LlmkitError(f"{where}: no column '{missing[0]}' (columns: {list(names)}); set the recipe's column names")
 
 
-def check_columns(row: object, columns: Sequence[str], where: str) -> dict:
-    """A row that has every column, with text (the first column) as a string."""
+def check_columns(row: object, columns: Sequence[str], text_columns: int, where: str) -> dict:
+    """A row that has every column, the first `text_columns` of them strings."""
     if not isinstance(row, dict):
         raise LlmkitError(f"{where}: expected a JSON object with {', '.join(repr(c) for c in columns)}")
     for column in columns:
         if row.get(column) is None:
             raise LlmkitError(f"{where}: expected a '{column}' field (set the recipe's column names)")
-    if not isinstance(row[columns[0]], str):
-        raise LlmkitError(f"{where}: expected the '{columns[0]}' field to be text, got {row[columns[0]]!r}")
+    for column in columns[:text_columns]:
+        if not isinstance(row[column], str):
+            raise LlmkitError(f"{where}: expected the '{column}' field to be text, got {row[column]!r}")
     return row
 
 

@@ -109,8 +109,21 @@ def check_layer(cls: type, raw: dict, source: str, prefix: str) -> None:
         expected = hints[key]
         if dataclasses.is_dataclass(expected):
             check_layer(expected, value, source, prefix=f"{name}.")
+        elif item_class(expected):
+            if not isinstance(value, list):
+                raise LlmkitError(f"{source}: {name} must be an array of tables ([[{name}]])")
+            for index, item in enumerate(value):
+                check_layer(item_class(expected), item, source, prefix=f"{name}[{index}].")
         else:
             check_value(name, value, expected, source)
+
+
+def item_class(expected: object) -> type | None:
+    """The settings class of a list-of-tables field (list[EvalTask] -> EvalTask), else None."""
+    args = typing.get_args(expected)
+    if typing.get_origin(expected) is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
 
 
 def check_value(name: str, value: object, expected: object, source: str) -> None:
@@ -140,18 +153,21 @@ def type_name(expected: object) -> str:
             dict: "a table"}.get(expected, str(expected))  # type: ignore[call-overload]
 
 
-def resolve_paths(raw: dict, folder: Path) -> None:
+def resolve_paths(raw: dict, folder: Path, cls: type = Recipe) -> None:
     """Make relative path values absolute against `folder` (the recipe's), when they name a local file.
 
     A value that names nothing local (a built-in corpus, a hub id) is left as it is."""
-    for section in dataclasses.fields(Recipe):
-        table = raw.get(section.name)
-        if not isinstance(table, dict):
-            continue
-        for setting in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
-            value = table.get(setting.name)
-            if setting.metadata.get("path") and isinstance(value, str) and value:
-                table[setting.name] = resolve_path(value, folder)
+    hints = typing.get_type_hints(cls)
+    for setting in dataclasses.fields(cls):
+        value = raw.get(setting.name)
+        expected = hints[setting.name]
+        if setting.metadata.get("path") and isinstance(value, str) and value:
+            raw[setting.name] = resolve_path(value, folder)
+        elif dataclasses.is_dataclass(expected) and isinstance(value, dict):
+            resolve_paths(value, folder, expected)
+        elif item_class(expected) and isinstance(value, list):
+            for item in value:
+                resolve_paths(item, folder, item_class(expected))
 
 
 def resolve_path(value: str, folder: Path) -> str:
@@ -172,6 +188,8 @@ def build(cls: type, raw: dict, source: str):
         expected = hints[key]
         if dataclasses.is_dataclass(expected):
             kwargs[key] = build(expected, value, source)
+        elif item_class(expected):
+            kwargs[key] = [build(item_class(expected), item, source) for item in value]
         else:
             kwargs[key] = float(value) if expected is float else value
     return cls(**kwargs)
@@ -186,9 +204,18 @@ def recipe_to_toml(recipe: Recipe) -> str:
     lines: list[str] = []
     for section, table in recipe_to_dict(recipe).items():
         lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in table.items())
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in table.items() if not is_table_list(value))
         lines.append("")
+        for key, items in ((k, v) for k, v in table.items() if is_table_list(v)):
+            for item in items:
+                lines.append(f"[[{section}.{key}]]")
+                lines.extend(f"{name} = {toml_value(value)}" for name, value in item.items())
+                lines.append("")
     return "\n".join(lines)
+
+
+def is_table_list(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
 
 
 def toml_value(value: object) -> str:

@@ -168,6 +168,61 @@ class GenerateSettings:
         return not self.greedy and self.temperature > 0
 
 
+TASK_KINDS = ("perplexity", "classification", "token-classification", "extractive-qa", "generation")
+
+
+@dataclass
+class EvalTask:
+    """One evaluation: a kind of measure on a data source. Column names default to the usual ones."""
+
+    kind: Literal["perplexity", "classification", "token-classification", "extractive-qa", "generation"] = "perplexity"
+    source: str = field(default="peoples-daily", metadata=PATH)  # built-in corpus, file, folder or hub dataset
+    name: str = ""  # row label in the results; "" = kind and source
+    split: Literal["validation", "all"] = "validation"  # validation: the held-out LAST fraction, as in pretraining
+    validation_fraction: float = 0.1
+    hub_split: str = "validation"  # hub datasets: which split to read
+    text_column: str = "text"  # perplexity, classification: the text
+    text_pair_column: str = ""  # classification of text pairs: the second text
+    label_column: str = "label"  # classification: the gold label (name or id)
+    tokens_column: str = "tokens"  # token-classification: list of words/characters
+    tags_column: str = "tags"  # token-classification: BIO tags, one per token
+    question_column: str = "question"  # extractive-qa
+    context_column: str = "context"  # extractive-qa
+    answers_column: str = "answers"  # extractive-qa: answer text, a list of them, or {"text": [...]}
+    prompt_column: str = "prompt"  # generation: the prompt
+    reference_column: str = "reference"  # generation: reference text (or a list of them)
+    context_length: int = 0  # perplexity window in tokens; 0 = the model's positions (at most 1024)
+    stride: int = 0  # perplexity: tokens each window advances; 0 = half the window
+    max_new_tokens: int = 64  # generation: greedy decoding up to this many tokens
+
+    def check(self, where: str) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise LlmkitError(f"{where}.validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        for key in ("context_length", "stride"):
+            if getattr(self, key) < 0:
+                raise LlmkitError(f"{where}.{key} must be >= 0 (0 = automatic), got {getattr(self, key)}")
+        if self.max_new_tokens < 1:
+            raise LlmkitError(f"{where}.max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class EvalSettings:
+    models: list[str] = field(default_factory=list)  # runs, model or adapter dirs, hub ids; [] = <run.output_dir>/latest
+    tasks: list[EvalTask] = field(default_factory=lambda: [EvalTask()])  # [[eval.tasks]] tables
+    limit: int = 0  # score only the first N examples of each task (a quick look); 0 = all
+    batch_size: int = 16
+    output: str = "eval.json"  # results as JSON (the table is printed)
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+
+    def check(self) -> None:
+        if not self.tasks:
+            raise LlmkitError("eval.tasks is empty: add at least one [[eval.tasks]] table")
+        for index, task in enumerate(self.tasks):
+            task.check(f"eval.tasks[{index}]")
+        if self.limit < 0 or self.batch_size < 1:
+            raise LlmkitError("eval.limit must be >= 0 and eval.batch_size at least 1")
+
+
 @dataclass
 class DistributedSettings:
     """Multi-GPU strategy, passed through to accelerate / TrainingArguments. Launch with torchrun or
@@ -191,6 +246,7 @@ class Recipe:
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     generate: GenerateSettings = field(default_factory=GenerateSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
 
     def check(self) -> None:

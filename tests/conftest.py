@@ -49,3 +49,34 @@ def recipe_file(tmp_path):
         return path
 
     return write
+
+
+def char_tokenizer(objective: str = "causal"):
+    """A character tokenizer trained on 200 documents of the built-in corpus."""
+    from llmkit.corpora import peoples_daily
+    from llmkit.settings import TokenizerSettings
+    from llmkit.tokenizer import train_tokenizer
+
+    documents = [row["text"] for row in peoples_daily()[:200]]
+    return train_tokenizer(documents, TokenizerSettings(vocab_size=2000), objective)
+
+
+def save_tiny_model(path: Path, model_class: str, tokenizer, d_model: int = 32, **config) -> Path:
+    """A randomly initialised model of a few thousand parameters, saved with its tokenizer.
+
+    model_class: a transformers class name (LlamaForCausalLM, BertForSequenceClassification, ...)."""
+    import torch
+    import transformers
+
+    arch = "bert" if model_class.startswith("Bert") else "llama"
+    config_class = transformers.BertConfig if arch == "bert" else transformers.LlamaConfig
+    settings = config_class(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128,
+                            pad_token_id=tokenizer.pad_token_id, **config)
+    if arch == "llama":
+        settings.num_key_value_heads = 2
+        settings.bos_token_id, settings.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    torch.manual_seed(0)
+    getattr(transformers, model_class)(settings).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 
 from llmkit import generate as gen  # noqa: E402
 from llmkit import models  # noqa: E402
+from tests.conftest import char_tokenizer, save_tiny_model  # noqa: E402
 
 runner = CliRunner()
 GREEDY = GenerateSettings(max_new_tokens=8, greedy=True, repetition_penalty=1.0)
@@ -26,24 +27,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}\n
 
 
 def build_tiny(path, d_model=32, chat_template=None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from llmkit.corpora import peoples_daily
-    from llmkit.settings import TokenizerSettings
-    from llmkit.tokenizer import train_tokenizer
-
-    tokenizer = train_tokenizer([row["text"] for row in peoples_daily()[:200]], TokenizerSettings(vocab_size=2000), "causal")
+    tokenizer = char_tokenizer()
     if chat_template:
         tokenizer.chat_template = chat_template
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(path, "LlamaForCausalLM", tokenizer, d_model=d_model)
 
 
 @pytest.fixture(scope="module")
