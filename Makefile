@@ -15,10 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-# Pretrain the quickstart model on the built-in corpus (< 5 min on 2 CPU cores); it prints sample
-# continuations of "昨天天气很" as it learns and at the end. Replaces an earlier quickstart run.
+# Pretrain the quickstart model on the built-in corpus (< 5 min on 2 CPU cores; samples are shown as
+# it learns), then generate with it. Replaces an earlier quickstart run.
 quickstart: install
 	$(BIN)/llmkit pretrain pretrain-zh-tiny --overwrite
+	$(BIN)/llmkit generate --prompt "昨天天气很" --max-new-tokens 40 --seed 1
 
 test: install
 	$(BIN)/python -m pytest -q
