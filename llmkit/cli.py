@@ -113,55 +113,19 @@ def generate(
 ):
     """Write text with a trained model, streaming it as it is made."""
     with reporting_errors():
-        import sys
-
-        from llmkit.console import console, error_console
-        from llmkit.errors import LlmkitError as BadInput
         from llmkit.recipe import load_recipe
 
         settings = load_recipe(recipe, sets)
         from llmkit import generate as task
-        from llmkit.models import load_model
 
         options = task.apply_options(
             settings.generate, model=model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
             greedy=greedy or None, num_beams=num_beams, stop=stop or None, device=device, dtype=dtype,
             batch_size=batch_size)
-        if sum(bool(x) for x in (prompt is not None, input_path, chat)) > 1:
-            raise BadInput("--prompt, --input and --chat exclude each other")
-        if output_path is not None and input_path is None:
-            raise BadInput("--output needs --input")
-        if prompt is not None:
-            task.check_prompt(prompt, "--prompt")
-        rows = None
-        if input_path is not None:  # read and check the prompts before the model loads
-            task.check_output_path(output_path)
-            rows = task.read_prompts(input_path, options.prompt_field)
-        seed = settings.run.seed if seed is None else seed
-        model_obj, tokenizer = load_model(options.model or None, output_dir=settings.run.output_dir,
-                                               device=options.device, dtype=options.dtype)
-        if chat:
-            task.chat_loop(task.ChatSession(model_obj, tokenizer, options, seed=seed))
-            return
-        if rows is not None:
-            task.run_batch(model_obj, tokenizer, rows, output_path, options, seed=seed,
-                           progress=error_console.is_terminal)
-            return
-        write = lambda text: (sys.stdout.write(text), sys.stdout.flush())  # noqa: E731
-        streaming = console.is_terminal and options.num_return_sequences == 1 and options.num_beams == 1
-        for number, text in enumerate([prompt] if prompt is not None else options.prompts):
-            if streaming:
-                write(text)
-            generation = task.generate_text(model_obj, tokenizer, text, options, seed=seed + number,
-                                            stream=write if streaming else None)
-            for continuation in generation.texts:
-                write(("" if streaming else text + continuation) + "\n")
-            error_console.print(generation.summary(), markup=False)
-            if attention_plot is not None and number == 0:
-                path = task.plot_generation_attention(model_obj, tokenizer, generation, attention_plot,
-                                                      attention_layer, attention_head)
-                error_console.print(f"attention plot: {path}", markup=False)
+        task.run(options, output_dir=settings.run.output_dir, seed=settings.run.seed if seed is None else seed,
+                 prompt=prompt, input_path=input_path, output_path=output_path, chat=chat,
+                 attention=task.AttentionPlot(attention_plot, attention_layer, attention_head) if attention_plot else None)
 
 
 @app.command("eval", epilog="Examples:\n\n  llmkit eval eval-ppl\n\n"

@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 
 from llmkit.errors import LlmkitError
 from llmkit.generation import cut_at_stop, generation_kwargs
+from llmkit.models import load_model
 from llmkit.settings import GenerateSettings
 
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans SC", "Noto Serif CJK SC",
@@ -36,6 +37,55 @@ CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto S
              "Droid Sans Fallback", "AR PL UMing CN", "AR PL UKai CN", "Arial Unicode MS")
 FONT_PACKAGES = ("mplfonts", "noto_cjk_sans_otc", "noto_cjk")  # pip packages that ship CJK fonts
 CJK_CHAR = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
+
+
+# ---------------------------------------------------------------- the command
+
+
+@dataclass
+class AttentionPlot:
+    path: Path
+    layer: int | None = None  # None: every layer
+    head: int | None = None  # None: heads averaged
+
+
+def run(settings: GenerateSettings, *, output_dir: str = "runs", seed: int = 0, prompt: str | None = None,
+        input_path: Path | None = None, output_path: Path | None = None, chat: bool = False,
+        attention: AttentionPlot | None = None) -> None:
+    """`llmkit generate`: one prompt (or the settings' prompts), a batch file, or a chat session."""
+    from llmkit.console import console, error_console
+
+    if sum(bool(x) for x in (prompt is not None, input_path, chat)) > 1:
+        raise LlmkitError("--prompt, --input and --chat exclude each other")
+    if output_path is not None and input_path is None:
+        raise LlmkitError("--output needs --input")
+    if prompt is not None:
+        check_prompt(prompt, "--prompt")
+    rows = None
+    if input_path is not None:  # read and check the prompts before the model loads
+        check_output_path(output_path)
+        rows = read_prompts(input_path, settings.prompt_field)
+    model, tokenizer = load_model(settings.model or None, output_dir=output_dir, device=settings.device,
+                                  dtype=settings.dtype)
+    if chat:
+        chat_loop(ChatSession(model, tokenizer, settings, seed=seed))
+    elif rows is not None:
+        run_batch(model, tokenizer, rows, output_path, settings, seed=seed, progress=error_console.is_terminal)
+    else:
+        write = lambda text: (sys.stdout.write(text), sys.stdout.flush())  # noqa: E731
+        streaming = console.is_terminal and settings.num_return_sequences == 1 and settings.num_beams == 1
+        for number, text in enumerate([prompt] if prompt is not None else settings.prompts):
+            if streaming:
+                write(text)
+            generation = generate_text(model, tokenizer, text, settings, seed=seed + number,
+                                       stream=write if streaming else None)
+            for continuation in generation.texts:
+                write(("" if streaming else text + continuation) + "\n")
+            error_console.print(generation.summary(), markup=False)
+            if attention is not None and number == 0:
+                path = plot_generation_attention(model, tokenizer, generation, attention.path, attention.layer,
+                                                 attention.head)
+                error_console.print(f"attention plot: {path}", markup=False)
 
 
 # ---------------------------------------------------------------- settings from options
