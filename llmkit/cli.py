@@ -147,6 +147,32 @@ def eval_command(recipe: str = RecipeArg, sets: List[str] = SetOpt,
         task.run(settings, models=models or None, limit=limit)
 
 
+@app.command(epilog="Examples:\n\n  llmkit quantize quantize-nf4\n\n"
+                    "  llmkit quantize --model runs/pretrain-zh-tiny --method nf4 --output runs/tiny-nf4\n\n"
+                    "  llmkit quantize prune --set quantize.structure=mlp-units --set quantize.sparsity=0.25")
+def quantize(recipe: Optional[str] = typer.Argument(None, help="Recipe with a [quantize] table (e.g. quantize-nf4)."),
+             sets: List[str] = SetOpt,
+             model: Optional[str] = typer.Option(None, "--model", "-m",
+                                                 help="Model to compress: run, model dir or hub id (default: runs/latest)."),
+             method: Optional[str] = typer.Option(None, "--method",
+                                                  help="bnb-int8, bnb-nf4 (nf4), bnb-fp4 (fp4), dynamic-int8 or prune."),
+             output: Optional[str] = typer.Option(None, "--output", "-o", help="Folder for the compressed model."),
+             sparsity: Optional[float] = typer.Option(None, "--sparsity", help="prune: share removed, in (0, 1)."),
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder.")):
+    """Compress a model (bitsandbytes int8/NF4/FP4, dynamic int8, pruning) and report what it cost."""
+    with reporting_errors():
+        from llmkit.recipe import load_recipe, toml_value
+        from llmkit.quantize import METHOD_ALIASES
+
+        options = {"model": model, "method": METHOD_ALIASES.get(method, method), "output": output,
+                   "sparsity": sparsity}
+        settings = load_recipe(recipe, [*sets, *(f"quantize.{key}={toml_value(value)}"
+                                                 for key, value in options.items() if value is not None)])
+        from llmkit import quantize as task
+
+        task.run(settings, overwrite=overwrite)
+
+
 def not_built(command: str, issue: int) -> None:
     from llmkit.console import error_console
 
@@ -155,8 +181,7 @@ def not_built(command: str, issue: int) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
-UNBUILT = {"finetune": (4, "Adapt a model to a task (full, LoRA, QLoRA, prompt tuning)."),
-           "quantize": (7, "Compress a model and report what it cost.")}
+UNBUILT = {"finetune": (4, "Adapt a model to a task (full, LoRA, QLoRA, prompt tuning).")}
 for _name, (_issue, _help) in UNBUILT.items():
     app.command(_name, help=f"{_help} (not built yet: issue #{_issue})",
                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(

@@ -1,5 +1,6 @@
 """Find and load a model for any command: a run directory, a model directory, a PEFT adapter directory
-(loaded onto its base), a quantized directory (loaded as saved) or a hub id; `runs/latest` by default."""
+(loaded onto its base), a quantized directory (loaded as saved; `llmkit quantize --method dynamic-int8`
+output: quantized as it loads, on the CPU) or a hub id; `runs/latest` by default."""
 
 from __future__ import annotations
 
@@ -107,8 +108,9 @@ def load_pretrained(source: str, device: str, dtype: str, head: str = "causal-lm
     except (OSError, ValueError) as error:
         raise LlmkitError(f"cannot load a model from {source}: {first_line(error)}") from None
     quantized = getattr(config, "quantization_config", None) is not None
-    # A quantized model loads as saved (its weights cannot be cast or moved after loading).
-    kwargs = {"device_map": {"": device}} if quantized else {"dtype": pick_dtype(dtype, device)}
+    # A quantized model loads as saved (its weights cannot be cast or moved after loading); the tensors
+    # it keeps unquantized (embeddings, norms) load in the dtype asked for.
+    kwargs = {"dtype": pick_dtype(dtype, device)} | ({"device_map": {"": device}} if quantized else {})
     check_head(source, config, head)
     try:
         loaded = getattr(transformers, HEADS[head]).from_pretrained(source, **kwargs)
@@ -116,6 +118,10 @@ def load_pretrained(source: str, device: str, dtype: str, head: str = "causal-lm
         raise LlmkitError(f"cannot load a {head} model from {source}: {first_line(error)}") from None
     except ImportError as error:
         raise LlmkitError(f"{source}: {first_line(error)}") from None
+    from llmkit.quantize import MARKER, quantize_dynamic_int8
+
+    if getattr(config, MARKER, None) == "dynamic-int8":  # saved in fp32; int8 linear layers (CPU) made now
+        return quantize_dynamic_int8(loaded)
     return loaded if quantized else loaded.to(device)
 
 

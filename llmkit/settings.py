@@ -223,6 +223,42 @@ class EvalSettings:
             raise LlmkitError("eval.limit must be >= 0 and eval.batch_size at least 1")
 
 
+QUANTIZE_METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "prune")
+
+
+@dataclass
+class QuantizeSettings:
+    """`llmkit quantize`: compress a model, then measure size, memory, speed and quality before and after."""
+
+    model: str = field(default="", metadata=PATH)  # model to compress (run, model dir or hub id); "" = <run.output_dir>/latest
+    method: Literal["bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "prune"] = "bnb-nf4"
+    output: str = ""  # where the compressed model goes; "" = <run.output_dir>/<run.name>
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bnb: how the tensors left unquantized (embeddings, norms) are stored
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bnb-nf4/fp4: dtype of the matmuls (fp32 on CPUs)
+    double_quant: bool = True  # bnb-nf4/fp4: quantize the quantization constants too (~0.4 bits/parameter less)
+    int8_threshold: float = 6.0  # bnb-int8: activations above this stay in 16 bits (LLM.int8 outliers)
+    structure: Literal["unstructured", "mlp-units", "attention-heads"] = "unstructured"  # prune: single weights, or whole units that shrink the matrices
+    sparsity: float = 0.5  # prune: share of the weights (unstructured) or of MLP units / heads per layer removed, in (0, 1)
+    recovery_steps: int = 0  # prune: then fine-tune this many steps on [data] with the [train] settings; 0 = none
+    task: EvalTask = field(default_factory=EvalTask)  # quality before and after: an [[eval.tasks]]-style table
+    limit: int = 0  # score only the first N examples of the task; 0 = all
+    batch_size: int = 16  # evaluation batch size
+    speed_tokens: int = 64  # generation speed: greedy tokens per run, batch 1, from generate.prompts[0]
+    speed_runs: int = 3  # generation speed: the median of this many runs (after one warm-up)
+
+    def check(self) -> None:
+        if not 0 < self.sparsity < 1:
+            raise LlmkitError(f"quantize.sparsity must be in (0, 1), got {self.sparsity}")
+        self.task.check("quantize.task")
+        for key in ("batch_size", "speed_tokens", "speed_runs"):
+            if getattr(self, key) < 1:
+                raise LlmkitError(f"quantize.{key} must be at least 1, got {getattr(self, key)}")
+        if self.limit < 0 or self.recovery_steps < 0 or self.int8_threshold < 0:
+            raise LlmkitError("quantize.limit, quantize.recovery_steps and quantize.int8_threshold must be >= 0")
+        if self.recovery_steps and self.method != "prune":
+            raise LlmkitError(f'quantize.recovery_steps needs method = "prune" (got "{self.method}")')
+
+
 @dataclass
 class DistributedSettings:
     """Multi-GPU strategy, passed through to accelerate / TrainingArguments. Launch with torchrun or
@@ -248,6 +284,7 @@ class Recipe:
     generate: GenerateSettings = field(default_factory=GenerateSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
+    quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
 
     def check(self) -> None:
         for section in vars(self).values():

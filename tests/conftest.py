@@ -17,6 +17,7 @@ TINY = [
     "model.n_layer=1",
     "model.n_head=2",
     "model.d_model=32",
+    "model.d_ff=64",
     "model.max_positions=64",
     "train.max_steps=6",
     "train.batch_size=8",
