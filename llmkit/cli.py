@@ -150,7 +150,7 @@ def eval_command(recipe: str = RecipeArg, sets: List[str] = SetOpt,
 @app.command(epilog="Examples:\n\n  llmkit quantize quantize-nf4\n\n"
                     "  llmkit quantize --model runs/pretrain-zh-tiny --method nf4 --output runs/tiny-nf4\n\n"
                     "  llmkit quantize prune --set quantize.structure=mlp-units --set quantize.sparsity=0.25")
-def quantize(recipe: Optional[str] = typer.Argument(None, help="Recipe with a [quantize] table (e.g. quantize-nf4)."),
+def quantize(recipe: Optional[str] = typer.Argument(None, help="Recipe with a quantize table (e.g. quantize-nf4)."),
              sets: List[str] = SetOpt,
              model: Optional[str] = typer.Option(None, "--model", "-m",
                                                  help="Model to compress: run, model dir or hub id (default: runs/latest)."),

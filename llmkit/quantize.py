@@ -378,8 +378,12 @@ def report_table(report: dict):
 
 def write_card(path: Path, report: dict) -> None:
     """The output's model card: what was done, the report as a table, and how to load it."""
+    from llmkit.evaluate import HEAD_FOR_KIND
+    from llmkit.models import HEADS
+
     output = report["output"]
     dynamic = report["method"] == "dynamic-int8"
+    auto_class = HEADS[HEAD_FOR_KIND[report["settings"]["task"]["kind"]]]
     lines = [f"# {Path(output).name}", "",
              f"`{report['source']}` compressed with `llmkit quantize` (method `{report['method']}`).", "",
              "## Quantization report", "",
@@ -391,6 +395,6 @@ def write_card(path: Path, report: dict) -> None:
         lines.append("The weights are saved in fp32; llmkit makes the linear layers int8 (torch.ao dynamic "
                      "quantization, CPU) as it loads them. Plain transformers loads the fp32 weights only.")
     else:
-        lines.append(f'Plain transformers: `AutoModelForCausalLM.from_pretrained("{output}")` '
+        lines.append(f'Plain transformers: `{auto_class}.from_pretrained("{output}")` '
                      "(bitsandbytes models need bitsandbytes installed).")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -34,7 +34,7 @@ METHODS = {  # output name -> overrides
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("quantize")
     save_tiny_model(root / "source", "LlamaForCausalLM", char_tokenizer())
-    (root / "text.txt").write_text("\n".join(TEXTS * 4), encoding="utf-8")
+    (root / "text.txt").write_text("\n".join(TEXTS * 2), encoding="utf-8")
     return root
 
 
@@ -42,7 +42,7 @@ def quick(root: Path, output: str, *overrides: str) -> list[str]:
     """Overrides for a seconds-long run on the tiny source, scored on a small text file."""
     return [f"quantize.model={root / 'source'}", f"quantize.output={root / output}",
             f"quantize.task.source={root / 'text.txt'}", "quantize.task.context_length=16",
-            "quantize.task.stride=8", "quantize.speed_tokens=4", "quantize.speed_runs=1",
+            "quantize.task.stride=8", "quantize.speed_tokens=2", "quantize.speed_runs=1",
             "generate.prompts=['今天']", *overrides]
 
 
