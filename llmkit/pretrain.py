@@ -28,7 +28,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMKIT_CACHE", Path.home() / ".cache" / "llmkit")) / "blocks"
 
 
-def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> PretrainResult:
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks: list | None = None) -> PretrainResult:
+    """Pretrain as the recipe says; `callbacks` (transformers TrainerCallback) are added to the Trainer's."""
     import datasets
     import transformers
 
@@ -77,7 +78,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Pretra
     stopper = StopOnInterrupt()
     trainer = make_trainer(recipe, model, tokenizer, args, train_blocks, eval_blocks,
                            tokens_per_char=eval_tokens / splits.validation_chars if objective == "causal" else None,
-                           callbacks=[MetricsFile(run_dir / "metrics.jsonl"), stopper])
+                           callbacks=[MetricsFile(run_dir / "metrics.jsonl"), stopper, *(callbacks or [])])
     checkpoint = rundir.last_checkpoint(run_dir) if resume else None
     if checkpoint is not None and args.process_index == 0:
         rundir.truncate_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[-1]))
@@ -103,7 +104,8 @@ def make_trainer(recipe: Recipe, model, tokenizer, args, train_blocks, eval_bloc
     callbacks = [Progress(tokens_per_step), *callbacks]
     if recipe.train.objective == "causal" and recipe.distributed.strategy == "ddp":
         callbacks.append(ShowSamples(tokenizer, recipe.generate, recipe.run.seed))
-    trainer = LlmkitTrainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
+    trainer = LlmkitTrainer(model=model, args=args, train_dataset=train_blocks.with_format("torch"),
+                            eval_dataset=eval_blocks.with_format("torch"),
                             data_collator=collator, callbacks=callbacks, tokens_per_char=tokens_per_char)
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
     return trainer

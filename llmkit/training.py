@@ -34,10 +34,11 @@ class LlmkitTrainer(Trainer):
 
 
 def collate_blocks(rows: list[dict]) -> dict:
-    """Stack equal-length packed blocks; causal LM labels are the inputs (the model shifts them)."""
+    """Stack equal-length packed blocks (rows in torch format: no Python lists on the hot path);
+    causal LM labels are the inputs (the model shifts them)."""
     import torch
 
-    input_ids = torch.tensor([row["input_ids"] for row in rows], dtype=torch.long)
+    input_ids = torch.stack([row["input_ids"] for row in rows]).long()
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
