@@ -44,6 +44,7 @@ def train_tokenizer(documents: list[str], settings: TokenizerSettings, objective
         tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         tokenizer.decoder = decoders.Fuse()
         trainer = trainers.WordLevelTrainer(vocab_size=settings.vocab_size, min_frequency=settings.min_frequency,
+                                            show_progress=False,  # llmkit shows its own status
                                             special_tokens=names)
     else:
         if settings.vocab_size < BYTE_ALPHABET + len(names):
@@ -53,6 +54,7 @@ def train_tokenizer(documents: list[str], settings: TokenizerSettings, objective
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=settings.vocab_size, min_frequency=settings.min_frequency,
+                                      show_progress=False,
                                       special_tokens=names, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(documents, trainer=trainer, length=len(documents))
     tokenizer.post_processor = template(tokenizer, special)
