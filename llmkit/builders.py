@@ -66,7 +66,9 @@ def build_model(recipe: Recipe, tokenizer):
 
 
 def check_block_size(block_size: int, config) -> None:
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    from llmkit.models import model_positions
+
+    positions = model_positions(config)
     if positions and block_size > positions:
         raise LlmkitError(f"data.block_size ({block_size}) is larger than the model's positions "
                           f"({config.model_type}: {positions})")

@@ -19,6 +19,7 @@ from pathlib import Path
 from llmkit.corpora import BUILTIN_CORPORA
 from llmkit.data import count_chars, load_rows, split_documents
 from llmkit.errors import LlmkitError
+from llmkit.models import model_positions
 from llmkit.rundir import append_jsonl, write_json
 from llmkit.settings import EvalTask, GenerateSettings, Recipe
 
@@ -142,7 +143,7 @@ def score_perplexity(model, tokenizer, task: EvalTask, rows: list[dict], batch_s
     documents = [row[task.text_column] for row in rows]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream = [token for ids in tokenizer(documents)["input_ids"] for token in ids + eos]
-    window = task.context_length or min(model_positions(model.config), MAX_WINDOW)
+    window = task.context_length or min(model_positions(model.config) or MAX_WINDOW, MAX_WINDOW)
     stride = min(task.stride or max(window // 2, 1), window)
     spans, scored_until = [], 0
     for begin in range(0, max(len(stream) - 1, 1), stride):
@@ -177,17 +178,13 @@ def batches_of_equal_length(spans: list[tuple], size: int):
         yield group
 
 
-def model_positions(config) -> int:
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or MAX_WINDOW
-
-
 def predict(model, tokenizer, texts, pairs=None, **options):
     """Model output for one batch, padded on the right (position 0 holds [CLS] in BERT-style models)."""
     import torch
 
     tokenizer.padding_side = "right"
     options = {"truncation": True, **options}
-    encoded = tokenizer(texts, pairs, max_length=model_positions(model.config), padding=True, return_tensors="pt",
+    encoded = tokenizer(texts, pairs, max_length=model_positions(model.config) or MAX_WINDOW, padding=True, return_tensors="pt",
                         **options)
     inputs = {k: v.to(model.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     with torch.no_grad():

@@ -73,6 +73,11 @@ def pick_dtype(dtype: str, device: str):
     return torch.float16 if device == "mps" else torch.float32
 
 
+def model_positions(config) -> int | None:
+    """The longest sequence a model's config accepts (None when it does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def load_model(model: str | None = None, *, output_dir: str | Path = "runs", device: str = "auto",
                dtype: str = "auto", head: str = "causal-lm"):
     """(model, tokenizer) in eval mode on the device, the tokenizer padding on the left for batches.
