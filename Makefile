@@ -27,8 +27,14 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: install
+bench: install $(VENV)/.installed-bench
 	$(BIN)/python bench/pretrain_throughput.py
+	$(BIN)/python bench/classify_baselines.py
+
+# The `bench` extra (scikit-learn, for the classic baselines); the tests need none of it.
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[bench]"
+	touch $@
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

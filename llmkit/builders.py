@@ -93,7 +93,9 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
-def training_arguments(train: TrainSettings, distributed: DistributedSettings, seed: int, output_dir: Path):
+def training_arguments(train: TrainSettings, distributed: DistributedSettings, seed: int, output_dir: Path,
+                       **overrides):
+    """TrainingArguments from the recipe; `overrides` (TrainingArguments fields) win."""
     import torch
     from transformers import TrainingArguments
 
@@ -103,35 +105,38 @@ def training_arguments(train: TrainSettings, distributed: DistributedSettings, s
     elif distributed.strategy == "deepspeed":
         strategy = {"deepspeed": distributed.deepspeed}
     warmup = train.warmup_steps if train.warmup_steps < 1 else int(train.warmup_steps)
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.eval_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation,
-        learning_rate=train.learning_rate,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": train.min_lr_ratio},
-        warmup_steps=warmup,
-        weight_decay=train.weight_decay,
-        adam_beta2=train.adam_beta2,
-        max_grad_norm=train.max_grad_norm,
-        bf16=use_bf16(train.precision),
-        fp16=train.precision == "fp16",
-        eval_strategy="steps",
-        eval_steps=train.eval_every,
-        save_strategy="steps",
-        save_steps=train.save_every,
-        save_total_limit=train.keep_checkpoints,
-        logging_steps=train.log_every,
-        activation_checkpointing=train.gradient_checkpointing,
-        torch_compile=train.torch_compile,
-        dataloader_num_workers=train.dataloader_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not has_accelerator(),  # also what makes torchrun on CPUs a gloo DDP run
-        seed=seed,
-        data_seed=seed,
-        report_to="none",
-        disable_tqdm=True,  # llmkit shows its own progress
+    schedule = "epoch" if train.eval_every == 0 else "steps"
+    return TrainingArguments(**{
+        "output_dir": str(output_dir),
+        "max_steps": -1 if train.epochs else train.max_steps,
+        "num_train_epochs": train.epochs or 1.0,
+        "per_device_train_batch_size": train.batch_size,
+        "per_device_eval_batch_size": train.eval_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation,
+        "learning_rate": train.learning_rate,
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr_rate": train.min_lr_ratio},
+        "warmup_steps": warmup,
+        "weight_decay": train.weight_decay,
+        "adam_beta2": train.adam_beta2,
+        "max_grad_norm": train.max_grad_norm,
+        "bf16": use_bf16(train.precision),
+        "fp16": train.precision == "fp16",
+        "eval_strategy": schedule,
+        "eval_steps": train.eval_every or None,
+        "save_strategy": schedule,
+        "save_steps": train.save_every,
+        "save_total_limit": train.keep_checkpoints,
+        "logging_steps": train.log_every,
+        "activation_checkpointing": train.gradient_checkpointing,
+        "torch_compile": train.torch_compile,
+        "dataloader_num_workers": train.dataloader_workers,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "use_cpu": not has_accelerator(),  # also what makes torchrun on CPUs a gloo DDP run
+        "seed": seed,
+        "data_seed": seed,
+        "report_to": "none",
+        "disable_tqdm": True,  # llmkit shows its own progress
         **strategy,
-    )
+        **overrides,
+    })

@@ -147,6 +147,25 @@ def eval_command(recipe: str = RecipeArg, sets: List[str] = SetOpt,
         task.run(settings, models=models or None, limit=limit)
 
 
+@app.command(epilog="Examples:\n\n  llmkit finetune classify\n\n"
+                    "  llmkit finetune classify-qlora --set finetune.merge=true\n\n"
+                    "  llmkit finetune ner --set model.path=runs/pretrain-zh-tiny --set train.epochs=1")
+def finetune(recipe: str = RecipeArg, sets: List[str] = SetOpt,
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+             resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest checkpoint."),
+             merge: bool = typer.Option(False, "--merge", help="Also save the base with the LoRA/DoRA/QLoRA adapter "
+                                                               "merged in (<run>/merged), as finetune.merge = true.")):
+    """Adapt a model to a task: classification, token classification, extractive QA or instruction
+    tuning, by full tuning, LoRA, DoRA, QLoRA, prompt or prefix tuning (with optional distillation)."""
+    with reporting_errors():
+        from llmkit.recipe import load_recipe
+
+        settings = load_recipe(recipe, [*sets, *(["finetune.merge=true"] if merge else [])])
+        from llmkit import finetune as task
+
+        task.run(settings, overwrite=overwrite, resume=resume)
+
+
 @app.command(epilog="Examples:\n\n  llmkit quantize quantize-nf4\n\n"
                     "  llmkit quantize --model runs/pretrain-zh-tiny --method nf4 --output runs/tiny-nf4\n\n"
                     "  llmkit quantize prune --set quantize.structure=mlp-units --set quantize.sparsity=0.25")
@@ -171,21 +190,6 @@ def quantize(recipe: Optional[str] = typer.Argument(None, help="Recipe with a qu
         from llmkit import quantize as task
 
         task.run(settings, overwrite=overwrite)
-
-
-def not_built(command: str, issue: int) -> None:
-    from llmkit.console import error_console
-
-    error_console.print(f"llmkit {command} is not built yet (issue #{issue}); `llmkit pretrain` is available now.",
-                        markup=False)
-    raise typer.Exit(EXIT_BAD_INPUT)
-
-
-UNBUILT = {"finetune": (4, "Adapt a model to a task (full, LoRA, QLoRA, prompt tuning).")}
-for _name, (_issue, _help) in UNBUILT.items():
-    app.command(_name, help=f"{_help} (not built yet: issue #{_issue})",
-                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        lambda name=_name, issue=_issue: not_built(name, issue))
 
 
 @recipe_app.command("list")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from llmkit.corpora import BUILTIN_CORPORA
+from llmkit.corpora import BUILTIN_CORPORA, BUILTIN_DATASETS, SPLITS
 from llmkit.errors import LlmkitError
 from llmkit.settings import DataSettings
 
@@ -86,17 +86,22 @@ def load_documents(source: str, settings: DataSettings) -> list[str]:
 def load_rows(source: str, columns: Sequence[str], document: str = "line", hub_config: str = "",
               hub_split: str = "train", text_columns: int = 1) -> list[dict]:
     """The rows of a source, in order, each checked to carry `columns`, the first `text_columns` of
-    them as text."""
+    them as text. A built-in data set is NAME (its train split) or NAME:SPLIT."""
+    name, colon, split = source.partition(":")
     if source in BUILTIN_CORPORA:
         rows = BUILTIN_CORPORA[source]()
         check_columns(rows[0] if rows else {}, columns, text_columns, f"built-in corpus {source}")
+    elif name in BUILTIN_DATASETS:
+        rows = BUILTIN_DATASETS[name](split if colon else "train")
+        check_columns(rows[0] if rows else {}, columns, text_columns, f"built-in data set {source}")
     elif Path(source).exists():
         rows = [row for path in data_files(Path(source)) for row in read_file(path, columns, text_columns, document)]
     elif HUB_NAME.fullmatch(source) and not source.endswith(SUFFIXES):
         rows = read_hub_dataset(source, columns, text_columns, hub_config, hub_split)
     else:
         raise LlmkitError(f"data source not found: {source} (expected a file, a folder, a hub dataset "
-                          f"'owner/name', or a built-in corpus: {', '.join(BUILTIN_CORPORA)})")
+                          f"'owner/name', a built-in corpus: {', '.join(BUILTIN_CORPORA)}, or a built-in data set "
+                          f"NAME or NAME:SPLIT ({'|'.join(SPLITS)}): {', '.join(BUILTIN_DATASETS)})")
     if not rows:
         raise LlmkitError(f"data source {source} holds no text")
     return rows

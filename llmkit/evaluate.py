@@ -226,13 +226,14 @@ def score_token_classification(model, tokenizer, task: EvalTask, rows: list[dict
         batch = rows[start:start + batch_size]
         words = [list(row[task.tokens_column]) for row in batch]
         output, encoded = predict(model, tokenizer, words, is_split_into_words=True)
+        logits = output.logits[:, -encoded["input_ids"].shape[1]:]  # prompt tuning puts virtual tokens first
         for index, row in enumerate(batch):
             tags = ["O"] * len(words[index])
             seen = set()
             for position, word in enumerate(encoded.word_ids(index)):
                 if word is not None and word not in seen:
                     seen.add(word)
-                    tags[word] = id2label[int(output.logits[index, position].argmax())]
+                    tags[word] = id2label[int(logits[index, position].argmax())]
             predicted.append(tags)
             references.append(list(row[task.tags_column]))
     return entity_metrics(predicted, references)
@@ -250,7 +251,8 @@ def score_extractive_qa(model, tokenizer, task: EvalTask, rows: list[dict], batc
                                   return_offsets_mapping=True)
         for index, context in enumerate(contexts):
             in_context = [i for i, s in enumerate(encoded.sequence_ids(index)) if s == 1]
-            starts, ends = output.start_logits[index], output.end_logits[index]
+            length = encoded["input_ids"].shape[1]  # prompt tuning puts virtual tokens first
+            starts, ends = output.start_logits[index, -length:], output.end_logits[index, -length:]
             best = max(((s, e) for s in in_context for e in in_context if s <= e < s + MAX_ANSWER_TOKENS),
                        key=lambda span: float(starts[span[0]] + ends[span[1]]), default=None)
             offsets = encoded["offset_mapping"][index]

@@ -104,21 +104,22 @@ def load_model(model: str | None = None, *, output_dir: str | Path = "runs", dev
     return loaded, prepare_tokenizer(tokenizer)
 
 
-def load_pretrained(source: str, device: str, dtype: str, head: str = "causal-lm"):
+def load_pretrained(source: str, device: str, dtype: str, head: str = "causal-lm", config_source: str | None = None):
+    """The model at `source`; `config_source` supplies another config (an adapter run's task head)."""
     import transformers
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(config_source or source)
     except (OSError, ValueError) as error:
-        raise LlmkitError(f"cannot load a model from {source}: {first_line(error)}") from None
+        raise LlmkitError(f"cannot load a model from {config_source or source}: {first_line(error)}") from None
     quantized = getattr(config, "quantization_config", None) is not None
     # A quantized model loads as saved (its weights cannot be cast or moved after loading); the tensors
     # it keeps unquantized (embeddings, norms) load in the dtype asked for.
     kwargs = {"dtype": pick_dtype(dtype, device)} | ({"device_map": {"": device}} if quantized else {})
-    check_head(source, config, head)
+    check_head(config_source or source, config, head)
     try:
-        loaded = getattr(transformers, HEADS[head]).from_pretrained(source, **kwargs)
+        loaded = getattr(transformers, HEADS[head]).from_pretrained(source, config=config, **kwargs)
     except (OSError, ValueError) as error:
         raise LlmkitError(f"cannot load a {head} model from {source}: {first_line(error)}") from None
     except ImportError as error:
@@ -155,9 +156,12 @@ def load_adapter(path: Path, device: str, dtype: str, head: str = "causal-lm"):
     if not Path(base).expanduser().exists() and (path / base).exists():
         base = str(path / base)  # relative to the adapter
     base_source = resolve_model(base)
-    base_model = load_pretrained(base_source, device, dtype, head)
+    # An llmkit fine-tuning run keeps the task model's config (head, labels) beside the adapter.
+    head_config = str(path) if (path / "config.json").is_file() else None
+    base_model = load_pretrained(base_source, device, dtype, head, config_source=head_config)
     model = PeftModel.from_pretrained(base_model, str(path))
-    if getattr(base_model.config, "quantization_config", None) is None:
+    lora = not model.peft_config[model.active_adapter].is_prompt_learning
+    if lora and getattr(base_model.config, "quantization_config", None) is None:
         model = model.merge_and_unload()
     has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
     return model, load_tokenizer(str(path) if has_tokenizer else base_source)

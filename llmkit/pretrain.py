@@ -137,10 +137,14 @@ def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> Pretrai
         if recipe.train.objective == "causal" and recipe.generate.prompts:
             samples = continue_prompts(model, tokenizer, recipe.generate.prompts, recipe.generate, recipe.run.seed)
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.run.name)
-        write_model_card(run_dir / "README.md", name=recipe.run.name, objective=recipe.train.objective, model=model,
-                         tokenizer=tokenizer, data_source=recipe.data.source, train_chars=count_chars(splits.train),
-                         validation_chars=splits.validation_chars, steps=trainer.state.global_step,
-                         metrics=metrics, samples=samples)
+        causal = recipe.train.objective == "causal"
+        write_model_card(run_dir / "README.md", name=recipe.run.name, model=model, tokenizer=tokenizer,
+                         description=f"A {model.config.model_type} {'causal' if causal else 'masked'} language "
+                                     f"model pretrained with llmkit.",
+                         loader="AutoModelForCausalLM" if causal else "AutoModelForMaskedLM",
+                         data=f"`{recipe.data.source}`: {count_chars(splits.train):,} training / "
+                              f"{splits.validation_chars:,} validation characters",
+                         steps=trainer.state.global_step, metrics=metrics, samples=samples)
         rundir.write_json(run_dir / "final_metrics.json", {"step": trainer.state.global_step, **metrics})
         rundir.point_latest(run_dir)
         console.print(f"[bold green]done[/]: model saved in {run_dir}", highlight=False)

@@ -36,22 +36,22 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def write_model_card(path: Path, *, name: str, objective: str, model, tokenizer, data_source: str,
-                     train_chars: int, validation_chars: int, steps: int, metrics: dict, samples: list[str]) -> None:
+def write_model_card(path: Path, *, name: str, description: str, loader: str, model, tokenizer, data: str,
+                     steps: int, metrics: dict, samples: list[str]) -> None:
+    """README.md of a model: what it is, how it was made, its scores, and how to load it."""
     parameters = sum(p.numel() for p in model.parameters())
-    loader = "AutoModelForCausalLM" if objective == "causal" else "AutoModelForMaskedLM"
+    config = model.config
     lines = [
         f"# {name}",
         "",
-        f"A {model.config.model_type} {'causal' if objective == 'causal' else 'masked'} language model "
-        f"pretrained with llmkit.",
+        description,
         "",
         "| | |",
         "|---|---|",
         f"| parameters | {parameters:,} |",
-        f"| layers x width | {model.config.num_hidden_layers} x {model.config.hidden_size} |",
+        f"| layers x width | {config.num_hidden_layers} x {config.hidden_size} |",
         f"| vocabulary | {len(tokenizer):,} tokens |",
-        f"| data | `{data_source}`: {train_chars:,} training / {validation_chars:,} validation characters |",
+        f"| data | {data} |",
         f"| steps | {steps:,} |",
     ]
     lines += [f"| {key} | {value:.4f} |" for key, value in metrics.items() if isinstance(value, float)]

