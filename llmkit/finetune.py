@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmkit.errors import Interrupted, LlmkitError
+from llmkit.errors import LlmkitError
 from llmkit.recipe import recipe_to_toml
 from llmkit.settings import Recipe
 from llmkit.training import LlmkitTrainer
@@ -60,7 +60,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     from llmkit.builders import training_arguments
     from llmkit.console import console
     from llmkit.task_data import load_task_data
-    from llmkit.training import MetricsFile, StopOnInterrupt
+    from llmkit.training import MetricsFile, train_resumably
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -87,6 +87,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, run_dir / rundir.CHECKPOINTS,
                               load_best_model_at_end=True, metric_for_best_model=metric,
                               greater_is_better=not metric.endswith("loss"), remove_unused_columns=False,
+                              train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
                               label_names=LABEL_NAMES.get(settings.task, ["labels"]),
                               **({"save_steps": recipe.train.eval_every} if recipe.train.eval_every else {}))
     with args.main_process_first(desc="run directory"):
@@ -98,17 +99,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     if args.process_index == 0:
         describe_setup(console, model, settings, data, train_features)
 
-    stopper = StopOnInterrupt()
     trainer = make_trainer(recipe, model, tokenizer, args, train_features, validation_features, data, teacher,
-                           callbacks=[MetricsFile(run_dir / "metrics.jsonl"), stopper, *(callbacks or [])])
-    checkpoint = rundir.last_checkpoint(run_dir) if resume else None
-    if checkpoint is not None and args.process_index == 0:
-        rundir.truncate_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[-1]))
-        console.print(f"resuming from {checkpoint}")
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if stopper.interrupted:
-        raise Interrupted(f"checkpoint saved in {rundir.last_checkpoint(run_dir)}; continue with "
-                          f"`llmkit finetune RECIPE --resume`")
+                           callbacks=[MetricsFile(run_dir / "metrics.jsonl"), *(callbacks or [])])
+    train_resumably(trainer, run_dir, resume, "finetune")
     return finish(recipe, trainer, tokenizer, data, run_dir)
 
 
@@ -206,6 +199,9 @@ def load_teacher(recipe: Recipe, tokenizer, labels: list[str]):
     """The distillation teacher, frozen; it must read the student's tokens and predict its labels."""
     from llmkit.models import load_model
 
+    if recipe.finetune.task == "extractive-qa":  # its outputs are start/end logits: no distillation loss for them
+        raise LlmkitError("distill.teacher: distillation covers classification, token-classification and causal-lm, "
+                          "not extractive-qa")
     teacher, teacher_tokenizer = load_model(recipe.distill.teacher, head=TASK_HEADS[recipe.finetune.task])
     if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise LlmkitError(f"distill.teacher {recipe.distill.teacher}: its tokenizer differs from the student's; "
@@ -290,8 +286,9 @@ class FinetuneTrainer(LlmkitTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def distillation_loss(self, inputs, student_logits):
-        """temperature^2 x KL(teacher || student) on softened outputs; for causal LMs over the tokens
-        that carry a label (the response), for classifiers per example."""
+        """temperature^2 x KL(teacher || student) on softened outputs; for causal LMs and taggers over
+        the tokens that carry a label (the response, the tagged first sub-tokens), for classifiers per
+        example."""
         import torch
         import torch.nn.functional as F
 
@@ -304,9 +301,11 @@ class FinetuneTrainer(LlmkitTrainer):
         t = self.distill.temperature
         kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
                       log_target=True, reduction="none").sum(-1)
-        if kl.dim() == 2:  # position i predicts token i + 1
-            mask = inputs["labels"][:, 1:] != -100
-            kl = kl[:, :-1][mask]
+        if kl.dim() == 2:
+            labels = inputs["labels"][:, -kl.shape[1]:]  # taggers' labels move right with prompt tuning
+            if self.perplexity:  # a causal LM (make_trainer sets perplexity for it only): i predicts i + 1
+                kl, labels = kl[:, :-1], labels[:, 1:]
+            kl = kl[labels != -100]
         return kl.mean() * t * t
 
     def evaluate(self, *args, **kwargs):

@@ -119,7 +119,14 @@ def load_pretrained(source: str, device: str, dtype: str, head: str = "causal-lm
     kwargs = {"dtype": pick_dtype(dtype, device)} | ({"device_map": {"": device}} if quantized else {})
     check_head(config_source or source, config, head)
     try:
-        loaded = getattr(transformers, HEADS[head]).from_pretrained(source, config=config, **kwargs)
+        loaded, info = getattr(transformers, HEADS[head]).from_pretrained(source, config=config,
+                                                                          output_loading_info=True, **kwargs)
+        prefix = loaded.base_model_prefix
+        if config_source and any(key.startswith(f"{prefix}.") for key in info["missing_keys"]):
+            # An adapter's base saved with another head names its backbone differently (LlamaForCausalLM:
+            # "model", LlamaForQuestionAnswering: "transformer"): load the backbone on its own, as
+            # llmkit.finetune.build_task_model did for training.
+            setattr(loaded, prefix, transformers.AutoModel.from_pretrained(source, config=config, **kwargs))
     except (OSError, ValueError) as error:
         raise LlmkitError(f"cannot load a {head} model from {source}: {first_line(error)}") from None
     except ImportError as error:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmkit.errors import Interrupted, LlmkitError
+from llmkit.errors import LlmkitError
 from llmkit.recipe import recipe_to_toml
-from llmkit.settings import Recipe
+from llmkit.settings import Recipe, check_pretraining
 
 
 @dataclass
@@ -38,11 +38,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     from llmkit.console import console
     from llmkit.data import load_text_splits, pack_blocks
     from llmkit.tokenizer import load_tokenizer, train_tokenizer
-    from llmkit.training import MetricsFile, StopOnInterrupt
+    from llmkit.training import MetricsFile, train_resumably
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    check_pretraining(recipe)
     run_dir = rundir.run_dir_for(recipe.run.output_dir, recipe.run.name)
     rundir.check_run_dir(run_dir, overwrite, resume)
     objective = recipe.train.objective
@@ -75,18 +76,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     if args.process_index == 0:
         describe_setup(console, model, tokenizer, splits, train_blocks, eval_blocks, args)
 
-    stopper = StopOnInterrupt()
     trainer = make_trainer(recipe, model, tokenizer, args, train_blocks, eval_blocks,
                            tokens_per_char=eval_tokens / splits.validation_chars if objective == "causal" else None,
-                           callbacks=[MetricsFile(run_dir / "metrics.jsonl"), stopper, *(callbacks or [])])
-    checkpoint = rundir.last_checkpoint(run_dir) if resume else None
-    if checkpoint is not None and args.process_index == 0:
-        rundir.truncate_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[-1]))
-        console.print(f"resuming from {checkpoint}")
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if stopper.interrupted:
-        raise Interrupted(f"checkpoint saved in {rundir.last_checkpoint(run_dir)}; continue with "
-                          f"`llmkit pretrain RECIPE --resume`")
+                           callbacks=[MetricsFile(run_dir / "metrics.jsonl"), *(callbacks or [])])
+    train_resumably(trainer, run_dir, resume, "pretrain")
     return finish(recipe, trainer, tokenizer, splits, run_dir)
 
 

@@ -347,6 +347,18 @@ class DistributedSettings:
             raise LlmkitError('distributed.deepspeed must name a DeepSpeed JSON config when strategy = "deepspeed"')
 
 
+def check_pretraining(recipe: "Recipe") -> None:
+    """Pretraining from scratch: the architecture must fit the objective (bert is masked, the others
+    causal) and a block must fit the model's positions. (Other commands ignore these keys.)"""
+    if recipe.data.block_size > recipe.model.max_positions and not recipe.model.path:
+        raise LlmkitError(f"data.block_size ({recipe.data.block_size}) is larger than the model's positions "
+                          f"(model.max_positions = {recipe.model.max_positions})")
+    mlm_arch = recipe.model.arch == "bert"
+    if not recipe.model.path and mlm_arch != (recipe.train.objective == "mlm"):
+        raise LlmkitError(f'model.arch = "{recipe.model.arch}" does not fit train.objective = '
+                          f'"{recipe.train.objective}" (bert is mlm; llama and gpt2 are causal)')
+
+
 @dataclass
 class Recipe:
     run: RunSettings = field(default_factory=RunSettings)
@@ -365,10 +377,4 @@ class Recipe:
         for section in vars(self).values():
             if hasattr(section, "check"):
                 section.check()
-        if self.data.block_size > self.model.max_positions and not self.model.path:
-            raise LlmkitError(f"data.block_size ({self.data.block_size}) is larger than the model's positions "
-                              f"(model.max_positions = {self.model.max_positions})")
-        mlm_arch = self.model.arch == "bert"
-        if not self.model.path and mlm_arch != (self.train.objective == "mlm"):
-            raise LlmkitError(f'model.arch = "{self.model.arch}" does not fit train.objective = '
-                              f'"{self.train.objective}" (bert is mlm; llama and gpt2 are causal)')
+

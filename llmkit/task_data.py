@@ -76,7 +76,20 @@ def read_rows(settings: FinetuneSettings, source: str, hub_split: str) -> list[d
     if settings.task == "extractive-qa":
         for number, row in enumerate(rows, 1):
             row[settings.answers_column] = answer_span(row, settings, f"{source}: row {number}")
+    if settings.task == "token-classification":
+        for number, row in enumerate(rows, 1):
+            check_tags(row, settings, f"{source}: row {number}")
     return rows
+
+
+def check_tags(row: dict, settings: FinetuneSettings, where: str) -> None:
+    """One tag per token (a list of tokens, or a string of one-character tokens)."""
+    tokens, tags = row[settings.tokens_column], row[settings.tags_column]
+    if not isinstance(tokens, (list, str)) or not isinstance(tags, list) or len(tokens) != len(tags):
+        counts = f" ({len(tokens)} tokens, {len(tags)} tags)" if isinstance(tokens, (list, str)) and \
+            isinstance(tags, list) else ""
+        raise LlmkitError(f"{where}: expected a list '{settings.tags_column}' with one tag per token of "
+                          f"'{settings.tokens_column}'{counts}")
 
 
 def chat_messages(row: dict, settings: FinetuneSettings, where: str) -> dict:

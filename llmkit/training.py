@@ -47,6 +47,24 @@ def collate_blocks(rows: list[dict]) -> dict:
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
+def train_resumably(trainer, run_dir: Path, resume: bool, command: str) -> None:
+    """Train, from the run's newest checkpoint when resuming; a Ctrl-C saves a checkpoint and raises
+    Interrupted, which says how to continue."""
+    from llmkit import rundir
+    from llmkit.errors import Interrupted
+
+    stopper = StopOnInterrupt()
+    trainer.add_callback(stopper)
+    checkpoint = rundir.last_checkpoint(run_dir) if resume else None
+    if checkpoint is not None and trainer.args.process_index == 0:
+        rundir.truncate_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[-1]))
+        console.print(f"resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stopper.interrupted:
+        raise Interrupted(f"checkpoint saved in {rundir.last_checkpoint(run_dir)}; continue with "
+                          f"`llmkit {command} RECIPE --resume`")
+
+
 class MetricsFile(TrainerCallback):
     """Append every log row (training loss, evaluation metrics) to metrics.jsonl."""
 

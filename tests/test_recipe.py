@@ -97,9 +97,12 @@ def test_invalid_toml_names_the_file(recipe_file):
         load_recipe(recipe_file("[train\n"))
 
 
-def test_cross_field_check_block_size_vs_positions():
+def test_pretraining_check_block_size_vs_positions():
+    from llmkit.settings import check_pretraining
+
+    recipe = load_recipe(None, ["data.block_size=1024", "model.max_positions=512"])  # fine for other commands
     with pytest.raises(LlmkitError, match=r"data.block_size \(1024\) is larger than the model's positions"):
-        load_recipe(None, ["data.block_size=1024", "model.max_positions=512"])
+        check_pretraining(recipe)
 
 
 def test_resolved_recipe_round_trips(tmp_path):

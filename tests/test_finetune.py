@@ -1,0 +1,541 @@
+"""llmkit finetune on a tiny Llama base: every task x method trains and reloads, merged adapters, labels,
+bad input through the CLI, class weights, distillation, early stopping, best checkpoint, resume."""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+from typer.testing import CliRunner
+
+from llmkit import finetune, load_recipe
+from llmkit.cli import app
+from llmkit.corpora import peoples_daily
+from llmkit.errors import Interrupted
+from llmkit.finetune import TASK_HEADS, FinetuneTrainer
+from llmkit.settings import DistillSettings, FinetuneSettings
+from llmkit.task_data import TaskData
+from llmkit.training import StopOnInterrupt
+from tests.conftest import char_tokenizer, save_tiny_model
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["classification", "token-classification", "extractive-qa", "causal-lm"]
+METHODS = ["full", "lora", "dora", "qlora", "prompt-tuning", "prefix-tuning"]
+# One pair per task reloads in a new Python process (importing peft there costs ~10 s, so not all 24):
+# the ones most likely to depend on state of the training process.
+NEW_PROCESS = {
+    ("classification", "qlora"),  # 4-bit base at training; the adapter reloads onto the fp32 base
+    ("token-classification", "prompt-tuning"),  # virtual tokens ahead of the tags
+    ("extractive-qa", "lora"),  # LlamaForQuestionAnswering names its backbone "transformer", the base "model"
+    ("causal-lm", "prefix-tuning"),  # generation through PEFT's past key values
+}
+TAGS = ["O", "B-PER", "I-PER"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (two threads spin-wait for each other on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def task_rows(task: str, texts: list[str]) -> list[dict]:
+    if task == "classification":  # the label follows the length: learnable, both labels in any sample
+        return [{"text": t[:8 + i % 12], "label": "long" if 8 + i % 12 >= 14 else "short"} for i, t in enumerate(texts)]
+    if task == "token-classification":
+        return [{"tokens": list(t[:12]), "tags": ["B-PER", "I-PER"] + ["O"] * 10} for t in texts]
+    if task == "extractive-qa":
+        return [{"context": t[:20], "question": "哪两个字？", "answers": {"text": [t[2:4]], "answer_start": [2]}}
+                for t in texts]
+    return [{"prompt": t[:8], "response": t[8:12]} for t in texts]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny random LlamaForCausalLM (d_model 32, 2 layers) with a character tokenizer."""
+    return save_tiny_model(tmp_path_factory.mktemp("base") / "model", "LlamaForCausalLM", char_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    """task -> training file (48 rows) and "task:test" -> test file (4 rows: causal-lm scoring generates)."""
+    folder = tmp_path_factory.mktemp("data")
+    texts = [row["text"] for row in peoples_daily() if len(row["text"]) >= 24][:52]
+    files = {}
+    for task in TASKS:
+        files[task] = write_jsonl(folder / f"{task}.jsonl", task_rows(task, texts[:48]))
+        files[f"{task}:test"] = write_jsonl(folder / f"{task}-test.jsonl", task_rows(task, texts[48:]))
+    return files
+
+
+def overrides(base, data, output_dir, name, task="classification", method="full", *more) -> list[str]:
+    return [f"finetune.task={task}", f"finetune.method={method}", f"finetune.source={data[task]}",
+            f"finetune.test_source={data[task + ':test']}", f"model.path={base}", "finetune.max_length=48",
+            "finetune.num_virtual_tokens=4", "train.max_steps=2", "train.batch_size=8", "train.eval_every=2",
+            "train.log_every=1", "train.eval_batch_size=16", "train.learning_rate=1e-3", "train.warmup_steps=0",
+            f"run.output_dir={output_dir}", f"run.name={name}", *more]
+
+
+def train(base, data, tmp_path, task="classification", method="full", *more, name="ft", **kwargs):
+    recipe = load_recipe(None, overrides(base, data, tmp_path / "runs", name, task, method, *more))
+    return finetune.run(recipe, **kwargs)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class KeepModel(TrainerCallback):
+    """Holds the trained model (the best checkpoint, loaded back by the Trainer before on_train_end)."""
+
+    model = None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+def probe(model, tokenizer, task: str) -> dict:
+    """The model's outputs on one fixed input (and, for causal LMs, 3 greedy tokens)."""
+    model.eval()
+    if task == "token-classification":
+        encoded = tokenizer([list("北京是中国的首都")], is_split_into_words=True, return_tensors="pt")
+    elif task == "extractive-qa":
+        encoded = tokenizer(["哪里？"], ["北京是中国的首都"], return_tensors="pt")
+    else:
+        text = "问：今天天气答：" if task == "causal-lm" else "今天天气很好"
+        encoded = tokenizer([text], return_tensors="pt")
+    inputs = {key: encoded[key] for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        output = model(**inputs)
+        logits = torch.stack([output.start_logits, output.end_logits]) if task == "extractive-qa" else output.logits
+        report = {"input_length": inputs["input_ids"].shape[1], "logits": logits.float().tolist(),
+                  "id2label": {str(k): v for k, v in model.config.id2label.items()}}
+        if task == "causal-lm":
+            new = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[0, inputs["input_ids"].shape[1]:]
+            report["text"] = tokenizer.decode(new)
+            report["new_tokens"] = len(new)
+    return report
+
+
+def reload_and_probe(run_dir: str, task: str) -> dict:
+    """Load a run as every command does (llmkit.models.load_model) and probe it."""
+    from llmkit.models import load_model
+
+    model, tokenizer = load_model(run_dir, head=TASK_HEADS[task])
+    return probe(model, tokenizer, task)
+
+
+def reload_in_new_process(run_dir: Path, task: str) -> dict:
+    code = ("import json, sys; from tests.test_finetune import reload_and_probe; "
+            "print(json.dumps(reload_and_probe(sys.argv[1], sys.argv[2])))")
+    result = subprocess.run([sys.executable, "-c", code, str(run_dir), task], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def trained_adapter_on_fp32_base(recipe, trained):
+    """The trained (QLoRA) adapter weights on the full-precision base the run reloads onto."""
+    import copy
+
+    import peft
+
+    from llmkit.finetune import build_task_model, task_tokenizer
+    from llmkit.task_data import load_task_data
+
+    data = load_task_data(recipe.finetune, recipe.run.seed)
+    model = build_task_model(recipe, task_tokenizer(recipe, data), data.labels, quantize=False)
+    model = peft.get_peft_model(model, copy.deepcopy(trained.peft_config["default"]))
+    peft.set_peft_model_state_dict(model, peft.get_peft_model_state_dict(trained))
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_and_method_trains_and_the_run_reloads_and_predicts(base, data, tmp_path, task, method):
+    from llmkit.tokenizer import load_tokenizer
+
+    keep = KeepModel()
+    recipe = load_recipe(None, overrides(base, data, tmp_path / "runs", "ft", task, method))
+    result = finetune.run(recipe, callbacks=[keep])
+    assert result.test_metrics and result.validation_metrics
+    # The reference: the trained model as it left training. QLoRA trained on a 4-bit base and reloads
+    # onto the fp32 base (they differ by quantization error, as much as the logits of this tiny model):
+    # its reference is the trained adapter on the fp32 base.
+    trained = trained_adapter_on_fp32_base(recipe, keep.model) if method == "qlora" else keep.model
+    expected = probe(trained, load_tokenizer(str(result.run_dir)), task)
+    if (task, method) in NEW_PROCESS:
+        reloaded = reload_in_new_process(result.run_dir, task)
+    else:
+        reloaded = reload_and_probe(str(result.run_dir), task)
+
+    virtual = 4 if method == "prompt-tuning" else 0
+    length = reloaded["input_length"] + virtual
+    shape = {"classification": [1, 2], "token-classification": [1, length, len(TAGS)],
+             "extractive-qa": [2, 1, length], "causal-lm": [1, length, len(char_tokenizer())]}[task]
+    assert list(torch.tensor(reloaded["logits"]).shape) == shape
+    # LoRA/DoRA are merged into the base on loading: equal up to float rounding.
+    torch.testing.assert_close(torch.tensor(reloaded["logits"]), torch.tensor(expected["logits"]),
+                               atol=1e-4, rtol=0)
+    if task == "classification":
+        assert reloaded["id2label"] == {"0": "long", "1": "short"}
+    if task == "token-classification":
+        assert reloaded["id2label"] == dict(zip("012", TAGS))
+    if task == "causal-lm":
+        assert reloaded["new_tokens"] == 3 and reloaded["text"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_merged_adapter_equals_base_plus_adapter_and_loads_with_plain_transformers(base, data, tmp_path, method):
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    result = train(base, data, tmp_path, "classification", method, "finetune.merge=true")
+    merged_dir = result.run_dir / "merged"
+    assert not (merged_dir / "adapter_config.json").exists()
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    # For QLoRA too: the adapter on the unquantized base (the run's config.json carries no quantization).
+    config = AutoConfig.from_pretrained(result.run_dir)
+    unmerged_base = AutoModelForSequenceClassification.from_pretrained(base, config=config)
+    adapted = PeftModel.from_pretrained(unmerged_base, result.run_dir).eval()
+    inputs = tokenizer(["今天天气很好", "北京是中国的首都", "好"], padding=True, return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, adapted(**inputs).logits, atol=1e-4, rtol=0)
+    assert merged.config.id2label == {0: "long", 1: "short"}
+
+
+@pytest.mark.slow
+def test_classifier_labels_are_sorted_unless_the_recipe_orders_them(base, data, tmp_path):
+    texts = ["今天天气很好", "经济发展迅速", "人民生活改善", "北京是首都"] * 6
+    rows = [{"text": text, "label": label} for text, label in zip(texts, ["neutral", "positive", "negative"] * 8)]
+    source = write_jsonl(tmp_path / "three.jsonl", rows)
+    data = {**data, "classification": source, "classification:test": source}
+    sorted_run = train(base, data, tmp_path, "classification", "full", "train.max_steps=1", name="sorted")
+    config = json.loads((sorted_run.run_dir / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    ordered_run = train(base, data, tmp_path, "classification", "full", "train.max_steps=1",
+                        'finetune.labels=["positive", "negative", "neutral"]', name="ordered")
+    config = json.loads((ordered_run.run_dir / "config.json").read_text())
+    assert config["id2label"] == {"0": "positive", "1": "negative", "2": "neutral"}
+    assert config["label2id"] == {"positive": 0, "negative": 1, "neutral": 2}
+
+
+# ---------------------------------------------------------------- bad input through the CLI
+
+
+def bad_input_case(case: str, tmp_path: Path, base: Path, data: dict) -> tuple[list[str], str]:
+    """(--set overrides, the message expected) for one kind of bad input."""
+    good = read_jsonl(data["classification"])
+    if case == "missing label":
+        rows = good[:2] + [{"text": "没有标签"}] + good[2:]
+        path = write_jsonl(tmp_path / "no-label.jsonl", rows)
+        return [f"finetune.source={path}"], f"{path}:3: expected a 'label' field"
+    if case == "mixed label types":
+        path = write_jsonl(tmp_path / "mixed.jsonl", good + [{"text": "数字标签", "label": 1}])
+        return [f"finetune.source={path}"], \
+            f"finetune.source {path}: labels must be all text or all integers, found int, str"
+    if case == "unseen test label":
+        path = write_jsonl(tmp_path / "test.jsonl", good[:3] + [{"text": "中性", "label": "neutral"}])
+        return [f"finetune.test_source={path}"], \
+            f"{path} (test split): label 'neutral' never appears in the training data"
+    if case == "answer not in context":
+        rows = read_jsonl(data["extractive-qa"])
+        rows[1]["answers"] = {"text": ["不在这里"], "answer_start": [0]}
+        path = write_jsonl(tmp_path / "qa.jsonl", rows)
+        return ["finetune.task=extractive-qa", f"finetune.source={path}", f"finetune.test_source={path}"], \
+            f"{path}: row 2: the answer '不在这里' is not in its context at answer_start 0"
+    if case == "tags not one per token":
+        rows = read_jsonl(data["token-classification"])
+        rows[1]["tags"] = rows[1]["tags"][:-1]
+        path = write_jsonl(tmp_path / "tags.jsonl", rows)
+        return ["finetune.task=token-classification", f"finetune.source={path}", f"finetune.test_source={path}"], \
+            f"{path}: row 2: expected a list 'tags' with one tag per token of 'tokens' (12 tokens, 11 tags)"
+    if case == "distillation of extractive-qa":
+        qa = data["extractive-qa"]
+        return ["finetune.task=extractive-qa", f"finetune.source={qa}", f"finetune.test_source={qa}",
+                f"distill.teacher={base}"], "distill.teacher: distillation covers classification, token-classification"
+    if case == "no head for the task":
+        import transformers
+
+        tokenizer = char_tokenizer()
+        phi = tmp_path / "phi"
+        config = transformers.PhiConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2, pad_token_id=tokenizer.pad_token_id)
+        transformers.PhiForCausalLM(config).save_pretrained(phi)
+        tokenizer.save_pretrained(phi)
+        assert "phi" not in transformers.models.auto.modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
+        qa = [data["extractive-qa"]] * 2
+        return ["finetune.task=extractive-qa", f"finetune.source={qa[0]}", f"finetune.test_source={qa[1]}",
+                f"model.path={phi}"], f"{phi}: transformers has no question-answering head for this architecture"
+    if case == "adapter without model.path":
+        return ["finetune.method=lora", 'model.path=""'], \
+            'finetune.method = "lora" trains an adapter on a base model: set model.path'
+    if case == "merge with full tuning":
+        return ["finetune.merge=true"], 'finetune.merge needs an adapter method (lora, dora, qlora), not "full"'
+    raise AssertionError(case)
+
+
+def invoke_finetune(recipe_file, tmp_path, base, data, sets, *options):
+    recipe = recipe_file("\n".join(["[run]", 'name = "ft"', f"output_dir = {json.dumps(str(tmp_path / 'runs'))}",
+                                    "[finetune]", f"source = {json.dumps(data['classification'])}",
+                                    f"test_source = {json.dumps(data['classification:test'])}", "max_length = 48",
+                                    "[model]", f"path = {json.dumps(str(base))}",
+                                    "[train]", "max_steps = 1", "eval_every = 1", "batch_size = 8",
+                                    "eval_batch_size = 16"]) + "\n")
+    return runner.invoke(app, ["finetune", str(recipe), *[arg for s in sets for arg in ("--set", s)], *options])
+
+
+@pytest.mark.parametrize("case", ["missing label", "mixed label types", "unseen test label", "answer not in context",
+                                  "tags not one per token", "no head for the task", "adapter without model.path",
+                                  "merge with full tuning", "distillation of extractive-qa"])
+def test_bad_input_exits_2_with_one_line_naming_the_file_or_key_and_writes_nothing(
+        recipe_file, tmp_path, base, data, case):
+    sets, message = bad_input_case(case, tmp_path, base, data)
+    result = invoke_finetune(recipe_file, tmp_path, base, data, sets)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_existing_run_is_refused_without_overwrite_and_left_untouched(recipe_file, tmp_path, base, data):
+    run_dir = tmp_path / "runs" / "ft"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "model.safetensors").write_bytes(b"weights of an earlier run")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n', encoding="utf-8")
+    before = snapshot(tmp_path / "runs")
+    result = invoke_finetune(recipe_file, tmp_path, base, data, [])
+    assert result.exit_code == 2
+    assert f"{run_dir} exists; pass --overwrite to replace it" in result.stderr
+    assert snapshot(tmp_path / "runs") == before
+
+
+@pytest.mark.slow
+def test_truncation_is_reported(recipe_file, tmp_path, base, data):
+    result = invoke_finetune(recipe_file, tmp_path, base, data, ["finetune.max_length=8"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"\d+ of \d+ training examples are longer than finetune.max_length = 8 tokens and were "
+                     r"truncated", result.stdout)
+    assert re.search(r"\d+ of \d+ validation examples are longer than finetune.max_length = 8", result.stdout)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def tiny_classifier(vocab_size: int, layers: int = 1, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=3)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def bare_trainer(**attributes) -> FinetuneTrainer:
+    """A FinetuneTrainer with only the attributes its losses read."""
+    trainer = FinetuneTrainer.__new__(FinetuneTrainer)
+    vars(trainer).update(attributes)
+    return trainer
+
+
+def test_balanced_class_weights_weigh_the_cross_entropy():
+    import torch.nn.functional as F
+
+    settings = FinetuneSettings(class_weights="balanced")
+    rows = [{"text": "多", "label": "many"}] * 3 + [{"text": "少", "label": "few"}]
+    weights = finetune.class_weights(settings, TaskData(rows, [], [], labels=["few", "many"]))
+    assert weights.tolist() == pytest.approx([4 / (2 * 1), 4 / (2 * 3)])  # total / (classes x count)
+    assert finetune.class_weights(FinetuneSettings(), TaskData(rows, [], [], labels=["few", "many"])) is None
+
+    model = tiny_classifier(50)
+    torch.manual_seed(1)
+    inputs = {"input_ids": torch.randint(4, 50, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+              "labels": torch.tensor([1, 1, 1, 0])}
+    loss = bare_trainer(class_weights=weights, teacher=None, distill=None).compute_loss(model, inputs)
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, inputs["labels"], weight=weights).item(), rel=1e-5)
+    assert loss.item() != pytest.approx(F.cross_entropy(logits, inputs["labels"]).item(), rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def teacher(base, data, tmp_path_factory) -> Path:
+    """A trained tiny classifier run (full tuning of the base: it reads the base's tokens)."""
+    recipe = load_recipe(None, overrides(base, data, tmp_path_factory.mktemp("teacher"), "teacher"))
+    return finetune.run(recipe).run_dir
+
+
+@pytest.mark.slow
+def test_distillation_loss_at_alpha_1_is_t2_times_kl_from_the_teacher(teacher):
+    import torch.nn.functional as F
+
+    from llmkit.models import load_model
+
+    teacher_model, tokenizer = load_model(str(teacher), head="sequence-classification")
+    tokenizer.padding_side = "right"
+    student = tiny_classifier(len(tokenizer), seed=3)
+    encoded = tokenizer(["今天天气很好", "北京是中国的首都", "好"], padding=True, return_tensors="pt")
+    inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+              "labels": torch.tensor([0, 1, 1])}
+    distill = DistillSettings(teacher=str(teacher), temperature=2.0, alpha=1.0)
+    loss = bare_trainer(class_weights=None, teacher=teacher_model, distill=distill,
+                        perplexity=False).compute_loss(student, inputs)
+
+    model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        p_teacher = F.softmax(teacher_model(**model_inputs).logits.double() / 2.0, -1)
+        log_p_student = F.log_softmax(student(**model_inputs).logits.double() / 2.0, -1)
+    kl = (p_teacher * (p_teacher.log() - log_p_student)).sum(-1).mean()  # per example, averaged
+    assert loss.item() == pytest.approx(2.0 ** 2 * kl.item(), rel=1e-4)
+    assert loss.requires_grad
+
+
+@pytest.mark.parametrize("task", ["token-classification", "causal-lm"])
+def test_token_level_distillation_averages_the_kl_over_the_positions_that_carry_a_label(task):
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
+
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=3, pad_token_id=3)
+    model_class = LlamaForTokenClassification if task == "token-classification" else LlamaForCausalLM
+    torch.manual_seed(0)
+    teacher, student = model_class(config).eval(), model_class(config).eval()
+    input_ids = torch.randint(4, 50, (2, 7))
+    labels = torch.full((2, 7), -100)
+    if task == "token-classification":
+        labels[:, [1, 3, 4]] = torch.tensor([2, 0, 1])  # tags on first sub-tokens
+        positions = [1, 3, 4]  # a tagger's output at a token is that token's tag
+    else:
+        labels[:, 4:] = input_ids[:, 4:]  # the response: the last 3 tokens
+        positions = [3, 4, 5]  # a causal LM's output at i predicts token i + 1
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    distill = DistillSettings(teacher="teacher", temperature=2.0, alpha=1.0)
+    loss = bare_trainer(class_weights=None, teacher=teacher, distill=distill,
+                        perplexity=task == "causal-lm").compute_loss(student, inputs)
+    with torch.no_grad():
+        p_teacher = F.softmax(teacher(input_ids=input_ids).logits[:, positions].double() / 2.0, -1)
+        log_p_student = F.log_softmax(student(input_ids=input_ids).logits[:, positions].double() / 2.0, -1)
+    kl = (p_teacher * (p_teacher.log() - log_p_student)).sum(-1).mean()  # per labelled position, averaged
+    assert loss.item() == pytest.approx(2.0 ** 2 * kl.item(), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_distillation_run_trains_a_student_on_the_teachers_tokenizer(base, data, tmp_path, teacher):
+    from llmkit.tokenizer import load_tokenizer
+
+    recipe = load_recipe(None, [*overrides("", data, tmp_path / "runs", "student"), 'model.path=""',
+                                f"tokenizer.path={teacher}", f"distill.teacher={teacher}", "distill.alpha=0.5",
+                                "model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.d_ff=64",
+                                "model.max_positions=64",
+                                "data.block_size=32",  # Recipe.check compares it to model.max_positions
+                                "train.max_steps=3", "train.eval_every=3"])
+    result = finetune.run(recipe)
+    run_dir = result.run_dir
+    assert result.validation_metrics["accuracy"] >= 0 and result.test_metrics["count"] == 4
+    assert json.loads((run_dir / "config.json").read_text())["id2label"] == \
+        json.loads((teacher / "config.json").read_text())["id2label"]
+    assert load_tokenizer(str(run_dir)).get_vocab() == load_tokenizer(str(teacher)).get_vocab()
+    losses = [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row]
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+
+
+@pytest.mark.slow
+def test_teacher_with_another_tokenizer_is_refused(recipe_file, tmp_path, base, data, teacher):
+    # No tokenizer.path: the student trains its own tokenizer, which the teacher cannot read.
+    result = invoke_finetune(recipe_file, tmp_path, base, data, ['model.path=""', f"distill.teacher={teacher}",
+                                                                 "tokenizer.vocab_size=500", "model.n_layer=1",
+                                                                 "model.d_model=32", "model.n_head=2"])
+    assert result.exit_code == 2, result.output
+    assert f"distill.teacher {teacher}: its tokenizer differs from the student's" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- model selection, resume
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_training_when_the_metric_stops_improving(base, data, tmp_path):
+    # A learning rate too small to change a prediction: accuracy never improves after the first evaluation.
+    result = train(base, data, tmp_path, "classification", "full", "finetune.early_stopping_patience=1",
+                   "finetune.metric=accuracy", "train.learning_rate=1e-12", "train.max_steps=10", "train.eval_every=1")
+    evaluations = [row["step"] for row in read_jsonl(result.run_dir / "metrics.jsonl") if "eval_loss" in row]
+    assert evaluations == [1, 2]
+    assert json.loads((result.run_dir / "final_metrics.json").read_text())["step"] == 2
+
+
+@pytest.mark.slow
+def test_best_checkpoint_by_the_recipe_metric_is_kept(base, data, tmp_path):
+    from llmkit.evaluate import SCORERS
+    from llmkit.models import load_model
+    from llmkit.task_data import eval_task, load_task_data
+
+    # A learning rate high enough for the validation loss to go up and down.
+    more = ["finetune.metric=loss", "train.learning_rate=0.05", "train.max_steps=6", "train.eval_every=1"]
+    result = train(base, data, tmp_path, "classification", "full", *more)
+    evaluations = [row for row in read_jsonl(result.run_dir / "metrics.jsonl") if "eval_loss" in row]
+    best = min(evaluations, key=lambda row: row["eval_loss"])
+    assert best["step"] != evaluations[-1]["step"], "the last evaluation is the best: the test proves nothing"
+    final = json.loads((result.run_dir / "final_metrics.json").read_text())
+    assert final["validation"] == {k[len("eval_"):]: v for k, v in best.items() if k.startswith("eval_")}
+    assert result.validation_metrics == final["validation"]
+    # The saved model is that checkpoint: it scores the validation split as the best evaluation did.
+    recipe = load_recipe(result.run_dir / "recipe.toml")
+    validation = load_task_data(recipe.finetune, recipe.run.seed).validation
+    model, tokenizer = load_model(str(result.run_dir), head="sequence-classification")
+    scores = SCORERS["classification"](model, tokenizer, eval_task(recipe.finetune, recipe.finetune.source),
+                                       validation, 16)
+    assert scores["accuracy"] == best["eval_accuracy"]
+
+
+@pytest.mark.slow
+def test_resume_after_an_interrupt_equals_an_uninterrupted_run(base, data, tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    more = ["train.max_steps=4", "train.eval_every=2", "train.learning_rate=1e-2"]
+    whole = train(base, data, tmp_path, "classification", "full", *more, name="whole")
+
+    original = StopOnInterrupt.on_step_end
+
+    def interrupt_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            self.handle(signal.SIGINT, None)
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(StopOnInterrupt, "on_step_end", interrupt_at_step_3)
+    with pytest.raises(Interrupted, match="--resume"):
+        train(base, data, tmp_path, "classification", "full", *more, name="parts")
+    assert (tmp_path / "runs" / "parts" / "checkpoints" / "checkpoint-3").is_dir()
+    monkeypatch.setattr(StopOnInterrupt, "on_step_end", original)
+    resumed = train(base, data, tmp_path, "classification", "full", *more, name="parts", resume=True)
+
+    assert resumed.validation_metrics["loss"] == pytest.approx(whole.validation_metrics["loss"], rel=1e-5)
+    steps = [row["step"] for row in read_jsonl(resumed.run_dir / "metrics.jsonl") if "loss" in row]
+    assert steps == [1, 2, 3, 4]
+    a = AutoModelForSequenceClassification.from_pretrained(whole.run_dir).state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(resumed.run_dir).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
