@@ -159,7 +159,8 @@ def compress(source: str, settings: QuantizeSettings, destination: Path, head: s
         if settings.method == "dynamic-int8":
             model.config.update({MARKER: "dynamic-int8"})
             details = {"applied": "at load: torch.ao.quantization.quantize_dynamic, nn.Linear -> int8 weights "
-                                  "(per tensor), activations quantized per batch; CPU only"}
+                                  "(per tensor; the output layer stays fp32), activations quantized per batch; "
+                                  "CPU only"}
         else:
             details = prune_and_recover(model, tokenizer, settings, recipe or Recipe())
     model.save_pretrained(destination)
@@ -237,16 +238,23 @@ def recover(model, tokenizer, recipe: Recipe, steps: int) -> dict:
 
 
 def quantize_dynamic_int8(model):
-    """int8 weights for every nn.Linear, activations quantized on the fly: faster generation on CPUs.
+    """int8 weights for every nn.Linear but the output layer, activations quantized on the fly: faster
+    generation on CPUs. The output layer (next-token logits) stays fp32: per-tensor int8 there costs
+    most of the quality (+0.87% perplexity on the quickstart model, against +0.2% without it) and it is a
+    small share of the compute in larger models.
 
     The adapter that `load_model` applies to a folder marked dynamic-int8; swap this body to change backend."""
     import warnings
 
     import torch
 
+    output = model.get_output_embeddings()
+    qconfig = torch.ao.quantization.default_dynamic_qconfig
+    layers = {name: qconfig for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and module is not output}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's notice that eager-mode quantization moves to torchao
-        return torch.ao.quantization.quantize_dynamic(model.to("cpu"), {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(model.to("cpu"), layers, dtype=torch.qint8)
 
 
 def packed_weights(model) -> list:
