@@ -155,7 +155,7 @@ def build_task_model(recipe: Recipe, tokenizer, labels: list[str], quantize: boo
 
     from llmkit.adapters import quantization_config
     from llmkit.builders import model_config
-    from llmkit.models import HEADS, first_line, pick_device, resolve_model
+    from llmkit.models import HEADS, first_line, pick_device, resolve_model, with_head
 
     settings = recipe.finetune
     head = TASK_HEADS[settings.task]
@@ -170,14 +170,8 @@ def build_task_model(recipe: Recipe, tokenizer, labels: list[str], quantize: boo
     if quantize:
         options |= {"quantization_config": quantization_config(), "device_map": {"": pick_device()}}
     try:
-        model, info = no_head_error(lambda: auto.from_pretrained(source, ignore_mismatched_sizes=bool(labels),
-                                                                 output_loading_info=True, **options), source, head)
-        prefix = model.base_model_prefix
-        if any(key.startswith(f"{prefix}.") for key in info["missing_keys"]):
-            # Some heads name their backbone differently from the checkpoint (LlamaForQuestionAnswering:
-            # "transformer", LlamaForCausalLM: "model"): load the backbone on its own.
-            options = {k: v for k, v in options.items() if k in ("quantization_config", "device_map")}
-            setattr(model, prefix, transformers.AutoModel.from_pretrained(source, **options))
+        model = no_head_error(lambda: with_head(auto, source, ignore_mismatched_sizes=bool(labels), **options),
+                              source, head)
     except (OSError, ImportError) as error:
         raise LlmkitError(f"model.path {source}: cannot load it: {first_line(error)}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -119,14 +119,7 @@ def load_pretrained(source: str, device: str, dtype: str, head: str = "causal-lm
     kwargs = {"dtype": pick_dtype(dtype, device)} | ({"device_map": {"": device}} if quantized else {})
     check_head(config_source or source, config, head)
     try:
-        loaded, info = getattr(transformers, HEADS[head]).from_pretrained(source, config=config,
-                                                                          output_loading_info=True, **kwargs)
-        prefix = loaded.base_model_prefix
-        if config_source and any(key.startswith(f"{prefix}.") for key in info["missing_keys"]):
-            # An adapter's base saved with another head names its backbone differently (LlamaForCausalLM:
-            # "model", LlamaForQuestionAnswering: "transformer"): load the backbone on its own, as
-            # llmkit.finetune.build_task_model did for training.
-            setattr(loaded, prefix, transformers.AutoModel.from_pretrained(source, config=config, **kwargs))
+        loaded = with_head(getattr(transformers, HEADS[head]), source, config=config, **kwargs)
     except (OSError, ValueError) as error:
         raise LlmkitError(f"cannot load a {head} model from {source}: {first_line(error)}") from None
     except ImportError as error:
@@ -136,6 +129,20 @@ def load_pretrained(source: str, device: str, dtype: str, head: str = "causal-lm
     if getattr(config, MARKER, None) == "dynamic-int8":  # saved in fp32; int8 linear layers (CPU) made now
         return quantize_dynamic_int8(loaded)
     return loaded if quantized else loaded.to(device)
+
+
+def with_head(auto_class, source: str, **kwargs):
+    """`auto_class.from_pretrained(source, **kwargs)`, also from a checkpoint saved with another head
+    that names the backbone differently (LlamaForCausalLM: "model", LlamaForQuestionAnswering:
+    "transformer"): the backbone then loads on its own instead of staying random."""
+    import transformers
+
+    model, info = auto_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    prefix = model.base_model_prefix
+    if any(key.startswith(f"{prefix}.") for key in info["missing_keys"]):
+        backbone = {k: v for k, v in kwargs.items() if k in ("config", "dtype", "quantization_config", "device_map")}
+        setattr(model, prefix, transformers.AutoModel.from_pretrained(source, **backbone))
+    return model
 
 
 def check_head(source: str, config, head: str) -> None:
