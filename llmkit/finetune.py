@@ -429,9 +429,7 @@ def score_test(recipe: Recipe, model, tokenizer, data) -> dict:
         task, rows = generation_rows(settings, tokenizer, data.test)
     else:
         task, rows = eval_task(settings, settings.test_source), data.test
-    metrics = SCORERS[task.kind](model, tokenizer, task, rows, recipe.train.eval_batch_size)
-    tokenizer.padding_side = "right"
-    return metrics
+    return SCORERS[task.kind](model, tokenizer, task, rows, recipe.train.eval_batch_size)
 
 
 def write_reports(recipe: Recipe, trainer, tokenizer, data, run_dir: Path, validation: dict, test: dict) -> None:
