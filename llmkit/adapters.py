@@ -17,14 +17,17 @@ PEFT_TASK_TYPES = {
 HEAD_MODULES = ["score", "classifier", "qa_outputs"]  # new task heads: trained in full beside the adapter
 
 
-def quantization_config():
-    """QLoRA's base: NF4 weights with double quantization; matmuls in bf16 on GPUs, fp32 on CPUs."""
+def quantization_config(source: str, auto_class):
+    """QLoRA's base: NF4 weights with double quantization; matmuls in the GPU's precision (llmkit.precision),
+    fp32 on CPUs (the same adapter on every CPU). The task heads and the layers bitsandbytes' 4-bit kernels
+    cannot take stay in full precision (llmkit.bnb)."""
     import torch
-    from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=[*HEAD_MODULES, "lm_head"])
+    from llmkit.bnb import four_bit_config
+    from llmkit.precision import gpu_precision
+
+    compute = gpu_precision().dtype if torch.cuda.is_available() else torch.float32
+    return four_bit_config(source, auto_class, compute_dtype=compute, skip=(*HEAD_MODULES, "lm_head"))
 
 
 def peft_config(settings: FinetuneSettings, model):

@@ -50,10 +50,16 @@ def auto_model_class(objective: str):
 
 def build_model(recipe: Recipe, tokenizer):
     """The model to pretrain: from the recipe's config, or loaded from model.path to continue."""
+    from llmkit.models import resolve_model
+
     auto = auto_model_class(recipe.train.objective)
     if recipe.model.path:
         try:
-            model = auto.from_pretrained(recipe.model.path)
+            source = resolve_model(recipe.model.path)
+        except LlmkitError as error:
+            raise LlmkitError(f"model.path {error}") from None
+        try:
+            model = auto.from_pretrained(source)
         except (OSError, ValueError) as error:
             raise LlmkitError(f"model.path {recipe.model.path}: cannot load a "
                               f"{recipe.train.objective} model: {str(error).splitlines()[0]}") from None
@@ -74,17 +80,12 @@ def check_block_size(block_size: int, config) -> None:
                           f"({config.model_type}: {positions})")
 
 
-def use_bf16(precision: str) -> bool:
-    """bf16 only where the hardware computes in it: a GPU that supports it, or a CPU with AMX.
+def training_precision(asked: str):
+    """The precision to train in on this machine (llmkit.precision: one rule for every command)."""
+    from llmkit.models import pick_device
+    from llmkit.precision import choose
 
-    On CPUs without native bf16 (AVX2 only) a bf16 matmul is ~100x slower than fp32."""
-    import torch
-
-    if precision != "auto":
-        return precision == "bf16"
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)())
+    return choose(asked, pick_device("auto"), training=True)
 
 
 def has_accelerator() -> bool:
@@ -106,6 +107,7 @@ def training_arguments(train: TrainSettings, distributed: DistributedSettings, s
         strategy = {"deepspeed": distributed.deepspeed}
     warmup = train.warmup_steps if train.warmup_steps < 1 else int(train.warmup_steps)
     schedule = "epoch" if train.eval_every == 0 else "steps"
+    precision = training_precision(train.precision).name
     return TrainingArguments(**{
         "output_dir": str(output_dir),
         "max_steps": -1 if train.epochs else train.max_steps,
@@ -120,8 +122,8 @@ def training_arguments(train: TrainSettings, distributed: DistributedSettings, s
         "weight_decay": train.weight_decay,
         "adam_beta2": train.adam_beta2,
         "max_grad_norm": train.max_grad_norm,
-        "bf16": use_bf16(train.precision),
-        "fp16": train.precision == "fp16",
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
         "eval_strategy": schedule,
         "eval_steps": train.eval_every or None,
         "save_strategy": schedule,

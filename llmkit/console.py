@@ -1,6 +1,35 @@
-"""The one rich console everything prints through: colours and live displays only on a terminal."""
+"""What reaches the terminal: the one rich console everything prints through (colours and live displays
+only on a terminal), and the libraries' own chatter kept off it."""
+
+import logging
 
 from rich.console import Console
 
 console = Console(highlight=False, soft_wrap=True)
 error_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _DropOptionalKernelNotice(logging.Filter):
+    """bitsandbytes (imported by peft, so by every Trainer) logs at import, on CPUs with avx512_bf16, that an
+    optional kernel package is missing; its own CPU path works without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def quiet_optional_kernel_notice() -> None:
+    """Drop that notice only; its other warnings still show. Set up when llmkit is imported, before anything
+    imports bitsandbytes."""
+    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropOptionalKernelNotice) for f in bnb_cpu.filters):
+        bnb_cpu.addFilter(_DropOptionalKernelNotice())
+
+
+def quiet_libraries() -> None:
+    """Libraries' progress bars and info logs off: llmkit shows its own progress. Called by every command."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()

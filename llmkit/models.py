@@ -32,7 +32,11 @@ HEAD_SUFFIXES = {
 
 
 def resolve_model(model: str | None = None, output_dir: str | Path = "runs") -> str:
-    """The model to load: `model` as given, or the newest run (<output_dir>/latest)."""
+    """The model to load: `model` as given, or the newest run (<output_dir>/latest). A name that looks
+    local (llmkit.recipe.looks_local: `runs/x` once runs/ exists) and is not there is an error here,
+    never a download attempt."""
+    from llmkit.recipe import looks_local
+
     if model:
         path = Path(model).expanduser()
         if path.exists():
@@ -40,8 +44,8 @@ def resolve_model(model: str | None = None, output_dir: str | Path = "runs") -> 
                 return str(path)
             hint = " (a run without its final model? pass a checkpoint folder)" if (path / "checkpoints").is_dir() else ""
             raise LlmkitError(f"{model}: not a model (no config.json or adapter_config.json){hint}")
-        if model.startswith((".", "/", "~")) or model.count("/") > 1:
-            raise LlmkitError(f"model not found: {model}")
+        if looks_local(model):
+            raise LlmkitError(f"model not found: {model} (no such folder)")
         return model  # a hub id such as Qwen/Qwen2.5-0.5B
     latest = Path(output_dir) / LATEST
     if latest.is_file():  # a text file naming the run (where symlinks are not available)
@@ -63,14 +67,10 @@ def pick_device(device: str = "auto") -> str:
 
 
 def pick_dtype(dtype: str, device: str):
-    """auto: fp32 on CPU (bf16 there is slow without AMX), bf16 (else fp16) on CUDA, fp16 on MPS."""
-    import torch
+    """The torch dtype to load a model in for inference: `dtype`, or for "auto" llmkit.precision's rule."""
+    from llmkit.precision import choose
 
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device == "mps" else torch.float32
+    return choose(dtype, device, training=False).dtype
 
 
 def model_positions(config) -> int | None:
@@ -107,6 +107,7 @@ def load_model(model: str | None = None, *, output_dir: str | Path = "runs", dev
 def load_pretrained(source: str, device: str, dtype: str, head: str = "causal-lm", config_source: str | None = None):
     """The model at `source`; `config_source` supplies another config (an adapter run's task head)."""
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoConfig
 
     try:
@@ -120,7 +121,7 @@ def load_pretrained(source: str, device: str, dtype: str, head: str = "causal-lm
     check_head(config_source or source, config, head)
     try:
         loaded = with_head(getattr(transformers, HEADS[head]), source, config=config, **kwargs)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a cut-short or damaged file
         raise LlmkitError(f"cannot load a {head} model from {source}: {first_line(error)}") from None
     except ImportError as error:
         raise LlmkitError(f"{source}: {first_line(error)}") from None

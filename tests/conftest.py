@@ -26,6 +26,7 @@ TINY = [
     "train.log_every=1",
     "train.eval_batch_size=16",
     "generate.max_new_tokens=5",
+    "train.precision=fp32",  # the same numbers on every CPU (auto picks bf16 where it is native: test_precision)
 ]
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llmkit.builders import build_model, model_config, training_arguments, use_bf16
+from llmkit.builders import build_model, model_config, training_arguments, training_precision
 from llmkit.errors import LlmkitError
 from llmkit.recipe import load_recipe
 from llmkit.settings import ModelSettings, TokenizerSettings
@@ -115,28 +115,8 @@ def test_block_size_beyond_the_loaded_models_positions_is_refused(saved_model, c
 
 
 def test_model_path_without_a_model_is_refused(tmp_path, causal):
-    with pytest.raises(LlmkitError, match=f"model.path {tmp_path}: cannot load a causal model"):
+    with pytest.raises(LlmkitError, match=f"model.path {tmp_path}: not a model"):
         build_model(recipe(f"model.path={tmp_path}"), causal)
-
-
-# use_bf16
-
-
-@pytest.mark.parametrize("precision, expected", [("bf16", True), ("fp32", False), ("fp16", False)])
-def test_explicit_precision_decides_bf16(precision, expected):
-    assert use_bf16(precision) is expected
-
-
-@pytest.mark.parametrize("amx", [False, True])
-def test_auto_precision_on_cpu_follows_amx(amx, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch._C._cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    assert use_bf16("auto") is amx
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks this CPU-only machine")
-def test_auto_precision_is_fp32_on_this_cpu():
-    assert use_bf16("auto") is False  # no CUDA, and this CPU has no AMX
 
 
 # training_arguments
@@ -170,7 +150,7 @@ def test_warmup_below_one_is_a_ratio_else_steps(warmup, expected, tmp_path):
 def test_ddp_passes_no_fsdp_nor_deepspeed(tmp_path):
     args = arguments(tmp_path)
     assert not args.fsdp and not args.fsdp_config and not args.deepspeed
-    assert args.bf16 is use_bf16("auto") and args.fp16 is False
+    assert args.bf16 is (training_precision("auto").name == "bf16") and args.fp16 is False
 
 
 def test_fsdp_strategy_passes_fsdp_options(tmp_path):

@@ -103,6 +103,28 @@ def test_csv_reads_the_text_column_with_quoted_newlines(tmp_path):
     assert load(path) == ["hello, world", "two\nlines"]
 
 
+def test_parquet_reads_the_text_column_and_splits_as_the_same_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmkit import load_recipe
+
+    # A decoy "text" column (the default name) makes a reader that ignores data.text_column give other texts.
+    rows = [{"id": i, "text": f"title {i}", "body": body} for i, body in enumerate(DOCS[:9] + ["  ", "两\n行"])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    write(tmp_path / "c.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+    def splits(name):
+        recipe = load_recipe(None, [f"data.source={tmp_path / name}", "data.text_column=body",
+                                    "data.validation_fraction=0.3"])
+        return load_text_splits(recipe.data)
+
+    parquet, jsonl = splits("c.parquet"), splits("c.jsonl")
+    assert parquet.train + parquet.validation == DOCS[:9] + ["两\n行"]  # in order, the blank row dropped
+    assert (parquet.train, parquet.validation) == (jsonl.train, jsonl.validation) and jsonl.validation
+    assert parquet.fingerprint == jsonl.fingerprint
+
+
 def test_folder_reads_its_files_in_sorted_order_recursively(tmp_path):
     write(tmp_path / "b.txt", "from b\n")
     (tmp_path / "sub").mkdir()
@@ -211,3 +233,59 @@ def test_cache_key_tells_documents_apart_from_their_joined_lines(tokenizer, tmp_
     as_lines, _ = pack_blocks(["ab", "cd"], tokenizer, block_size=2, cache_dir=tmp_path)
     as_file, _ = pack_blocks(["ab\ncd"], tokenizer, block_size=2, cache_dir=tmp_path)
     assert as_file["input_ids"] != as_lines["input_ids"]
+
+
+# files that are not what they claim, names that do not exist
+
+
+def test_csv_reads_a_field_longer_than_the_csv_module_limit_and_leaves_the_limit_as_it_was(tmp_path):
+    import csv
+
+    long_document = "长" * 200_000  # csv's default field limit is 131,072 characters
+    path = write(tmp_path / "long.csv", f'id,text\n1,"{long_document}"\n2,short\n')
+    previous = csv.field_size_limit(131_072)  # the default, whatever an earlier test left
+    try:
+        assert load(path) == [long_document, "short"]
+        assert csv.field_size_limit() == 131_072
+    finally:
+        csv.field_size_limit(previous)
+
+
+def test_corrupt_parquet_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1" + b"\x00" * 64)
+    with pytest.raises(LlmkitError, match=r"^\S*broken\.parquet: not a readable Parquet file \(.+\)$") as error:
+        load(path)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_column_suggests_the_closest_and_lists_the_columns(tmp_path):
+    path = write(tmp_path / "c.csv", "id,txet\n1,hello\n")
+    with pytest.raises(LlmkitError, match=r"c\.csv: no column 'text' \(did you mean 'txet'\?\) \(columns: \['id', 'txet'\]\)"):
+        load(path)
+
+
+def test_jsonl_row_without_the_field_suggests_the_closest_and_lists_the_fields(tmp_path):
+    path = write(tmp_path / "rows.jsonl", '{"text": "a"}\n{"txt": "b", "id": 2}\n')
+    with pytest.raises(LlmkitError, match=r"rows\.jsonl:2: expected a 'text' field \(did you mean 'txt'\?\) "
+                                          r"\(fields: \['txt', 'id'\]\)"):
+        load(path)
+
+
+def test_jsonl_null_field_is_named(tmp_path):
+    path = write(tmp_path / "rows.jsonl", '{"text": null}\n')
+    with pytest.raises(LlmkitError, match=r"rows\.jsonl:1: expected a 'text' field, found it empty"):
+        load(path)
+
+
+def test_local_looking_source_that_is_not_there_is_not_a_hub_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for source in ("data/missing", "./missing", "a/b/c"):
+        with pytest.raises(LlmkitError, match=rf"^data source not found: {source} \(no such file or folder\)$"):
+            load(source)
+
+
+def test_misspelled_built_in_source_suggests_the_closest():
+    with pytest.raises(LlmkitError, match=r"data source not found: peoples-daly \(did you mean 'peoples-daily'\?\)"):
+        load("peoples-daly")

@@ -94,20 +94,66 @@ def test_classification_matches_argmax_of_the_model(tmp_path):
     assert metrics["accuracy"] == expected["accuracy"] and metrics["confusion_matrix"] == expected["confusion_matrix"]
 
 
-def test_token_classification_reports_entity_scores(tmp_path):
+def char_rule_bert(path, model_class: str, rule: dict[str, int], default: int, **config):
+    """A tiny BERT whose head output for a token depends only on its character: output i is 32 for the
+    characters `rule` maps to i (others: `default`) and 0 otherwise, so a scorer's predictions are known
+    exactly. How: position and segment embeddings and the attention and feed-forward branches are zeroed,
+    so each hidden state is the layer-normed character embedding; embeddings and head rows are orthogonal
+    +-1 vectors (rows of a Hadamard matrix)."""
+    import transformers
+
+    tokenizer = char_tokenizer("mlm")
+    save_tiny_model(path, model_class, tokenizer, **config)
+    model = getattr(transformers, model_class).from_pretrained(path)
+    hadamard = torch.ones(1, 1)
+    while len(hadamard) < model.config.hidden_size:
+        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)])
+    walsh = hadamard[1:]  # zero mean, unit variance: layer norm leaves them as they are
+    with torch.no_grad():
+        embeddings = model.bert.embeddings
+        embeddings.position_embeddings.weight.zero_()
+        embeddings.token_type_embeddings.weight.zero_()
+        embeddings.word_embeddings.weight.copy_(walsh[default])
+        for char, output in rule.items():
+            assert tokenizer.convert_tokens_to_ids(char) != tokenizer.unk_token_id, char
+            embeddings.word_embeddings.weight[tokenizer.convert_tokens_to_ids(char)] = walsh[output]
+        for layer in model.bert.encoder.layer:
+            for branch in (layer.attention.output.dense, layer.output.dense):
+                branch.weight.zero_()
+                branch.bias.zero_()
+        head = model.get_submodule("qa_outputs" if hasattr(model, "qa_outputs") else "classifier")
+        head.weight.copy_(walsh[: head.out_features])
+        head.bias.zero_()
+    model.save_pretrained(path)
+    return path
+
+
+def test_token_classification_scores_the_entities_of_the_predicted_tags(tmp_path):
     labels = ["O", "B-LOC", "I-LOC"]
-    model_dir = save_tiny_model(tmp_path / "ner", "BertForTokenClassification", char_tokenizer("mlm"),
-                                id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
-    rows = [{"tokens": list("北京是首都"), "tags": ["B-LOC", "I-LOC", "O", "O", "O"]}]
-    metrics = evaluate(tmp_path, model_dir, {"kind": "token-classification", "source": str(write_jsonl(tmp_path / "ner.jsonl", rows))})
-    assert metrics["reference_entities"] == 1 and 0 <= metrics["f1"] <= 1
+    # Predicts B-LOC for 北, I-LOC for 京, O for every other character.
+    model_dir = char_rule_bert(tmp_path / "ner", "BertForTokenClassification", {"北": 1, "京": 2}, default=0,
+                               id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    rows = [{"tokens": list("北京是首都"), "tags": ["B-LOC", "I-LOC", "O", "O", "O"]},  # predicted right
+            {"tokens": list("首都北京"), "tags": ["B-LOC", "I-LOC", "O", "O"]},  # predicted at the wrong place
+            {"tokens": list("京城"), "tags": ["O", "O"]}]  # a lone I-LOC: one predicted entity (lenient)
+    metrics = evaluate(tmp_path, model_dir, {"kind": "token-classification",
+                                             "source": str(write_jsonl(tmp_path / "ner.jsonl", rows))})
+    counts = [metrics[f"{k}_entities"] for k in ("predicted", "reference", "correct")]
+    assert counts == [3, 2, 1]
+    assert (metrics["precision"], metrics["recall"]) == (pytest.approx(1 / 3), pytest.approx(1 / 2))
+    assert metrics["f1"] == pytest.approx(0.4)
 
 
-def test_extractive_qa_answers_are_spans_of_the_context(tmp_path):
-    model_dir = save_tiny_model(tmp_path / "qa", "BertForQuestionAnswering", char_tokenizer("mlm"))
-    rows = [{"context": "北京是中国的首都。", "question": "首都是哪里？", "answers": {"text": ["北京"]}}]
+def test_extractive_qa_picks_the_best_span_inside_the_context(tmp_path):
+    # Start logit 32 on 北, end logit 32 on 京, 0 elsewhere: the answer is always the first 北京 of the context.
+    model_dir = char_rule_bert(tmp_path / "qa", "BertForQuestionAnswering", {"北": 0, "京": 1}, default=2)
+    rows = [{"context": "北京是中国的首都。", "question": "首都是哪里？", "answers": {"text": ["北京"]}},
+            # 北京 in the question scores as high, but answers are spans of the context: "北京", not "在北京"
+            {"context": "首都在北京。", "question": "北京在哪里？", "answers": {"text": ["在北京"]}}]
     metrics = evaluate(tmp_path, model_dir, {"kind": "extractive-qa", "source": str(write_jsonl(tmp_path / "qa.jsonl", rows))})
-    assert set(metrics) >= {"exact_match", "f1"} and metrics["count"] == 1
+    # Second answer: 2 of 2 predicted characters right, 2 of 3 reference characters found: F1 0.8.
+    scores = {key: metrics[key] for key in ("exact_match", "f1", "count")}
+    assert scores == {"exact_match": 0.5, "f1": pytest.approx((1 + 0.8) / 2), "count": 2}
 
 
 def test_generation_scores_greedy_continuations(causal_dir, tmp_path):
@@ -136,11 +182,14 @@ def test_missing_column_is_named_before_any_model_loads(tmp_path):
         evaluate(tmp_path, tmp_path / "no-model-here", {"kind": "classification", "source": str(data)})
 
 
-def test_cli_compares_models_writes_json_and_appends_to_runs(causal_dir, tmp_path):
+def test_cli_compares_models_writes_json_and_records_in_runs(causal_dir, tmp_path):
     import shutil
+
+    from llmkit.rundir import OWNER_MARK
 
     run_dir = tmp_path / "runs" / "a-run"
     shutil.copytree(causal_dir, run_dir)
+    (run_dir / OWNER_MARK).write_text("{}")  # a run llmkit made: it keeps its evaluations
     (run_dir / "metrics.jsonl").write_text("")
     data = tmp_path / "text.txt"
     data.write_text("\n".join(TEXTS), encoding="utf-8")
@@ -152,7 +201,9 @@ def test_cli_compares_models_writes_json_and_appends_to_runs(causal_dir, tmp_pat
     results = json.loads((tmp_path / "out.json").read_text())["results"]
     assert [r["model"] for r in results] == [str(causal_dir), str(run_dir)]
     assert results[0]["metrics"]["perplexity"] == pytest.approx(results[1]["metrics"]["perplexity"])
-    assert json.loads((run_dir / "metrics.jsonl").read_text())["eval_task"] == "mine"
+    assert json.loads((run_dir / "evaluations.jsonl").read_text())["eval_task"] == "mine"
+    assert (run_dir / "metrics.jsonl").read_text() == ""  # training metrics untouched: --resume reads them
+    assert not (causal_dir / "evaluations.jsonl").exists()  # a model folder llmkit did not make is only read
     assert "loss_per_char" in result.stdout
 
 

@@ -1,5 +1,6 @@
-"""llmkit finetune on a tiny Llama base: every task x method trains and reloads, merged adapters, labels,
-bad input through the CLI, class weights, distillation, early stopping, best checkpoint, resume."""
+"""llmkit finetune on a tiny Llama base: every task x method trains (the trained parameters move, the loss
+falls, QLoRA's base is 4-bit) and reloads, merged adapters (also by `--merge`), text pairs, labels, bad input
+through the CLI, class weights, distillation, epochs, early stopping, best checkpoint, resume."""
 
 import hashlib
 import json
@@ -38,6 +39,9 @@ NEW_PROCESS = {
     ("causal-lm", "prefix-tuning"),  # generation through PEFT's past key values
 }
 TAGS = ["O", "B-PER", "I-PER"]
+ADAPTER_PARAMETERS = {  # method -> what its trained parameters' names contain (PEFT's names)
+    "lora": ["lora_A", "lora_B"], "qlora": ["lora_A", "lora_B"], "dora": ["lora_A", "lora_B", "lora_magnitude_vector"],
+    "prompt-tuning": ["prompt_encoder"], "prefix-tuning": ["prompt_encoder"]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,11 +88,13 @@ def data(tmp_path_factory) -> dict[str, str]:
 
 
 def overrides(base, data, output_dir, name, task="classification", method="full", *more) -> list[str]:
+    # fp32: these tests compare trained, reloaded and recomputed outputs to 1e-4 and closer; `auto` trains
+    # in bf16 on CPUs with native bf16 (llmkit.precision, tested on its own).
     return [f"finetune.task={task}", f"finetune.method={method}", f"finetune.source={data[task]}",
             f"finetune.test_source={data[task + ':test']}", f"model.path={base}", "finetune.max_length=48",
             "finetune.num_virtual_tokens=4", "train.max_steps=2", "train.batch_size=8", "train.eval_every=2",
             "train.log_every=1", "train.eval_batch_size=16", "train.learning_rate=1e-3", "train.warmup_steps=0",
-            f"run.output_dir={output_dir}", f"run.name={name}", *more]
+            "train.precision=fp32", f"run.output_dir={output_dir}", f"run.name={name}", *more]
 
 
 def train(base, data, tmp_path, task="classification", method="full", *more, name="ft", **kwargs):
@@ -105,13 +111,55 @@ def snapshot(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-class KeepModel(TrainerCallback):
-    """Holds the trained model (the best checkpoint, loaded back by the Trainer before on_train_end)."""
+class Watch(TrainerCallback):
+    """What training did: the parameters, the base's linear layers and the loss on the training set when
+    training begins and when it ends (after the Trainer loaded the kept checkpoint back), and that model."""
 
     model = None
 
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        rows = [train_dataloader.dataset[i] for i in range(len(train_dataloader.dataset))]
+        self.batches = [train_dataloader.collate_fn(rows[i:i + 16]) for i in range(0, len(rows), 16)]
+        self.begin = self.look(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            self.training_linears = linear_layers(model)
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.model = model
+        self.end = self.look(model)
+
+    def look(self, model) -> dict:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            losses = [model(**batch).loss.item() * len(batch["input_ids"]) for batch in self.batches]
+        model.train(was_training)
+        return {"loss": sum(losses) / sum(len(batch["input_ids"]) for batch in self.batches),
+                "parameters": {name: p.detach().clone() for name, p in model.named_parameters()},
+                "trainable": {name for name, p in model.named_parameters() if p.requires_grad},
+                "linears": linear_layers(model)}
+
+
+def linear_layers(model) -> dict:
+    """The base model's linear layers (not the adapter's, not the task heads): name -> the layer."""
+    from llmkit.adapters import HEAD_MODULES
+
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and "lora_" not in name
+            and not any(head in name.split(".") for head in [*HEAD_MODULES, "lm_head"])}
+
+
+def assert_4bit_nf4(linears: dict) -> None:
+    """Every linear layer that bitsandbytes' 4-bit kernels take (input width a multiple of 64, output of 32)
+    is an NF4 Linear4bit."""
+    import bitsandbytes as bnb
+
+    wide = {name: layer for name, layer in linears.items() if layer.in_features % 64 == 0 and layer.out_features % 32 == 0}
+    assert wide, "no layer is wide enough for 4 bits: the check would prove nothing"
+    for name, layer in wide.items():
+        assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_type == "nf4", (name, layer)
 
 
 def probe(model, tokenizer, task: str) -> dict:
@@ -177,14 +225,30 @@ def trained_adapter_on_fp32_base(recipe, trained):
 def test_every_task_and_method_trains_and_the_run_reloads_and_predicts(base, data, tmp_path, task, method):
     from llmkit.tokenizer import load_tokenizer
 
-    keep = KeepModel()
-    recipe = load_recipe(None, overrides(base, data, tmp_path / "runs", "ft", task, method))
-    result = finetune.run(recipe, callbacks=[keep])
+    watch = Watch()
+    # One batch holds the whole training set (43 rows): each step follows the full gradient, so the loss over
+    # the training set falls for every method (a step on 8 rows need not lower it: prefix tuning's did not).
+    recipe = load_recipe(None, overrides(base, data, tmp_path / "runs", "ft", task, method, "train.batch_size=48"))
+    result = finetune.run(recipe, callbacks=[watch])
     assert result.test_metrics and result.validation_metrics
+    # Training moved exactly what it trains (everything, or the adapter and the new head, leaving the base
+    # frozen) and lowered the loss over the training set.
+    begin, end = watch.begin, watch.end
+    changed = {name for name, value in begin["parameters"].items() if not torch.equal(value, end["parameters"][name])}
+    assert changed == begin["trainable"]
+    if method == "full":
+        assert changed == set(begin["parameters"])
+    else:
+        assert all(any(key in name for name in changed) for key in ADAPTER_PARAMETERS[method])
+        assert all(any(key in name for key in [*ADAPTER_PARAMETERS[method], "modules_to_save"]) for name in changed)
+    assert end["loss"] < begin["loss"]
+    if method == "qlora":  # trained on a 4-bit base, which stays 4-bit when the Trainer loads the kept checkpoint
+        assert_4bit_nf4(watch.training_linears)
+        assert_4bit_nf4(end["linears"])
     # The reference: the trained model as it left training. QLoRA trained on a 4-bit base and reloads
     # onto the fp32 base (they differ by quantization error, as much as the logits of this tiny model):
     # its reference is the trained adapter on the fp32 base.
-    trained = trained_adapter_on_fp32_base(recipe, keep.model) if method == "qlora" else keep.model
+    trained = trained_adapter_on_fp32_base(recipe, watch.model) if method == "qlora" else watch.model
     expected = probe(trained, load_tokenizer(str(result.run_dir)), task)
     if (task, method) in NEW_PROCESS:
         reloaded = reload_in_new_process(result.run_dir, task)
@@ -207,26 +271,71 @@ def test_every_task_and_method_trains_and_the_run_reloads_and_predicts(base, dat
         assert reloaded["new_tokens"] == 3 and reloaded["text"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
-def test_merged_adapter_equals_base_plus_adapter_and_loads_with_plain_transformers(base, data, tmp_path, method):
+def assert_merged_equals_base_plus_adapter(run_dir: Path, base: Path) -> None:
+    """<run>/merged loads with plain transformers, predicts as the adapter on its full-precision base (for
+    QLoRA too: the run's config.json carries no quantization), and holds the adapter in its weights: every
+    matrix LoRA adapted differs from the base's."""
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    result = train(base, data, tmp_path, "classification", method, "finetune.merge=true")
-    merged_dir = result.run_dir / "merged"
-    assert not (merged_dir / "adapter_config.json").exists()
+    merged_dir = run_dir / "merged"
+    assert (merged_dir / "config.json").is_file() and not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    # For QLoRA too: the adapter on the unquantized base (the run's config.json carries no quantization).
-    config = AutoConfig.from_pretrained(result.run_dir)
-    unmerged_base = AutoModelForSequenceClassification.from_pretrained(base, config=config)
-    adapted = PeftModel.from_pretrained(unmerged_base, result.run_dir).eval()
+    config = AutoConfig.from_pretrained(run_dir)
+    base_weights = AutoModelForSequenceClassification.from_pretrained(base, config=config).state_dict()
+    adapted = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, config=config),
+                                        run_dir).eval()
     inputs = tokenizer(["今天天气很好", "北京是中国的首都", "好"], padding=True, return_tensors="pt")
     inputs.pop("token_type_ids", None)
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, adapted(**inputs).logits, atol=1e-4, rtol=0)
     assert merged.config.id2label == {0: "long", 1: "short"}
+    adapted_matrices = [name for name in merged.state_dict() if name.endswith("_proj.weight")]
+    assert len(adapted_matrices) == 14  # 2 layers x q, k, v, o, gate, up, down
+    for name in adapted_matrices:
+        assert (merged.state_dict()[name] - base_weights[name]).abs().max().item() > 1e-4, name
+
+
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory) -> Path:
+    """The base at d_model 64: bitsandbytes' 4-bit kernels take all its linear layers (QLoRA)."""
+    return save_tiny_model(tmp_path_factory.mktemp("wide") / "model", "LlamaForCausalLM", char_tokenizer(), d_model=64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_merged_adapter_equals_base_plus_adapter_and_loads_with_plain_transformers(
+        base, wide_base, data, tmp_path, method):
+    model = wide_base if method == "qlora" else base
+    watch = Watch()
+    result = train(model, data, tmp_path, "classification", method, "finetune.merge=true", callbacks=[watch])
+    if method == "qlora":  # the adapter trained on a 4-bit NF4 base (all 14 layers: 64 wide and more)
+        assert len(watch.training_linears) == 14
+        assert_4bit_nf4(watch.training_linears)
+    assert_merged_equals_base_plus_adapter(result.run_dir, model)
+
+
+@pytest.mark.slow
+def test_merge_flag_of_the_cli_saves_base_plus_adapter_merged(recipe_file, tmp_path, base, data):
+    result = invoke_finetune(recipe_file, tmp_path, base, data,
+                             ["finetune.method=lora", "train.max_steps=2", "train.eval_every=2",
+                              "train.warmup_steps=0"], "--merge")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "ft"
+    assert_merged_equals_base_plus_adapter(run_dir, base)
+
+
+@pytest.mark.slow
+def test_text_pairs_are_classified_by_their_second_text(base, data, tmp_path):
+    # The first text is the same in every row: only the pair text (好 or 差, after it) tells the label.
+    rows = [{"text": "这句话怎么样？", "pair": ("好" if i % 2 else "差") * (1 + i % 3), "label": "good" if i % 2 else "bad"}
+            for i in range(48)]
+    data = {**data, "classification": write_jsonl(tmp_path / "pairs.jsonl", rows),
+            "classification:test": write_jsonl(tmp_path / "pairs-test.jsonl", rows[:8])}
+    result = train(base, data, tmp_path, "classification", "full", "finetune.text_pair_column=pair",
+                   "train.max_steps=6", "train.eval_every=6", "train.learning_rate=1e-2")
+    assert result.validation_metrics["accuracy"] == 1.0 and result.test_metrics["accuracy"] == 1.0
 
 
 @pytest.mark.slow
@@ -446,6 +555,11 @@ def test_token_level_distillation_averages_the_kl_over_the_positions_that_carry_
 
 @pytest.mark.slow
 def test_distillation_run_trains_a_student_on_the_teachers_tokenizer(base, data, tmp_path, teacher):
+    import torch.nn.functional as F
+
+    from llmkit.evaluate import SCORERS
+    from llmkit.models import load_model
+    from llmkit.task_data import collator, encode, eval_task, load_task_data
     from llmkit.tokenizer import load_tokenizer
 
     recipe = load_recipe(None, [*overrides("", data, tmp_path / "runs", "student"), 'model.path=""',
@@ -456,12 +570,31 @@ def test_distillation_run_trains_a_student_on_the_teachers_tokenizer(base, data,
                                 "train.max_steps=3", "train.eval_every=3"])
     result = finetune.run(recipe)
     run_dir = result.run_dir
-    assert result.validation_metrics["accuracy"] >= 0 and result.test_metrics["count"] == 4
+    assert result.test_metrics["count"] == 4
     assert json.loads((run_dir / "config.json").read_text())["id2label"] == \
         json.loads((teacher / "config.json").read_text())["id2label"]
     assert load_tokenizer(str(run_dir)).get_vocab() == load_tokenizer(str(teacher)).get_vocab()
-    losses = [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row]
-    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row] == [1, 2, 3]
+
+    # The validation scores reported are the saved student's (the only evaluation, step 3): its accuracy as
+    # `llmkit eval` scores it, and as loss the mix 0.5 x cross-entropy + 0.5 x T^2 x KL(teacher || student)
+    # over the validation batch (5 rows, one batch, padded on the right as in training).
+    student, tokenizer = load_model(str(run_dir), head="sequence-classification")
+    data = load_task_data(recipe.finetune, recipe.run.seed)
+    scores = SCORERS["classification"](student, tokenizer, eval_task(recipe.finetune, recipe.finetune.source),
+                                       data.validation, 16)
+    assert result.validation_metrics["accuracy"] == scores["accuracy"]
+    tokenizer.padding_side = "right"
+    batch = collator("classification", tokenizer)(encode(recipe.finetune, tokenizer, data.validation, data.labels).rows)
+    teacher_model, _ = load_model(str(teacher), head="sequence-classification")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    t = recipe.distill.temperature
+    with torch.no_grad():
+        logits, teacher_logits = student(**inputs).logits.double(), teacher_model(**inputs).logits.double()
+    p_teacher = F.softmax(teacher_logits / t, -1)
+    kl = (p_teacher * (p_teacher.log() - F.log_softmax(logits / t, -1))).sum(-1).mean()
+    expected = 0.5 * F.cross_entropy(logits, batch["labels"]) + 0.5 * t * t * kl
+    assert result.validation_metrics["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.slow
@@ -476,6 +609,17 @@ def test_teacher_with_another_tokenizer_is_refused(recipe_file, tmp_path, base, 
 
 
 # ---------------------------------------------------------------- model selection, resume
+
+
+@pytest.mark.slow
+def test_epochs_with_eval_every_0_train_whole_epochs_and_evaluate_after_each(base, data, tmp_path):
+    # 43 training rows in batches of 16: 3 steps an epoch (train.max_steps=2 of the overrides gives way).
+    result = train(base, data, tmp_path, "classification", "full", "train.epochs=2", "train.eval_every=0",
+                   "train.batch_size=16")
+    rows = read_jsonl(result.run_dir / "metrics.jsonl")
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5, 6]
+    assert [(row["step"], row["epoch"]) for row in rows if "eval_loss" in row] == [(3, 1.0), (6, 2.0)]
+    assert json.loads((result.run_dir / "final_metrics.json").read_text())["step"] == 6
 
 
 @pytest.mark.slow
@@ -513,10 +657,14 @@ def test_best_checkpoint_by_the_recipe_metric_is_kept(base, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_an_interrupt_equals_an_uninterrupted_run(base, data, tmp_path, monkeypatch):
+def test_resume_after_an_interrupt_logs_and_ends_as_an_uninterrupted_run(base, data, tmp_path, monkeypatch):
     from transformers import AutoModelForSequenceClassification
 
-    more = ["train.max_steps=4", "train.eval_every=2", "train.learning_rate=1e-2"]
+    # Interrupted at step 3 of 8, the run resumes mid-epoch and crosses into the second epoch (43 training
+    # rows: 6 batches of 8): each later step's loss, learning rate and gradient norm match only if the weights,
+    # the optimizer, the schedule and the data order all come back. Kept by validation loss, which falls here,
+    # so the final model is step 8, not a checkpoint from before the interrupt.
+    more = ["train.max_steps=8", "train.eval_every=4", "train.learning_rate=1e-2", "finetune.metric=loss"]
     whole = train(base, data, tmp_path, "classification", "full", *more, name="whole")
 
     original = StopOnInterrupt.on_step_end
@@ -533,9 +681,40 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(base, data, tmp_p
     monkeypatch.setattr(StopOnInterrupt, "on_step_end", original)
     resumed = train(base, data, tmp_path, "classification", "full", *more, name="parts", resume=True)
 
-    assert resumed.validation_metrics["loss"] == pytest.approx(whole.validation_metrics["loss"], rel=1e-5)
-    steps = [row["step"] for row in read_jsonl(resumed.run_dir / "metrics.jsonl") if "loss" in row]
-    assert steps == [1, 2, 3, 4]
+    def logged(run) -> list[tuple]:
+        keys = ("loss", "learning_rate", "grad_norm", "eval_loss")
+        return [(row["step"], key, row[key]) for row in read_jsonl(run.run_dir / "metrics.jsonl") for key in keys
+                if key in row]
+
+    expected, got = logged(whole), logged(resumed)
+    assert [step for step, key, _ in got if key == "loss"] == list(range(1, 9))
+    assert [row[:2] for row in got] == [row[:2] for row in expected]
+    assert [row[2] for row in got] == pytest.approx([row[2] for row in expected], rel=0, abs=1e-6)
+    evaluations = [(step, value) for step, key, value in expected if key == "eval_loss"]
+    assert [step for step, _ in evaluations] == [4, 8] and evaluations[1][1] < evaluations[0][1]
+    assert resumed.validation_metrics["loss"] == whole.validation_metrics["loss"] == evaluations[1][1]
     a = AutoModelForSequenceClassification.from_pretrained(whole.run_dir).state_dict()
     b = AutoModelForSequenceClassification.from_pretrained(resumed.run_dir).state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_bf16_training_scores_the_test_split_with_the_model_as_saved(base, data, tmp_path):
+    """Mixed precision wraps the model's forward in autocast; the test split is scored (and samples made)
+    by the model as saved and as `llmkit eval` loads it, in fp32, not through that wrapper."""
+    import torch
+
+    from llmkit.models import load_model
+
+    class KeepModel(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self.model = model
+
+    kept = KeepModel()
+    result = train(base, data, tmp_path, "classification", "full", "train.precision=bf16", callbacks=[kept])
+    reloaded, tokenizer = load_model(str(result.run_dir), head="sequence-classification")
+    inputs = tokenizer(["今天天气很好", "我们"], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        scored, saved = kept.model.eval()(**inputs).logits, reloaded(**inputs).logits
+    assert scored.dtype == torch.float32 and torch.allclose(scored, saved, atol=1e-5)

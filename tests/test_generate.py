@@ -45,10 +45,16 @@ def tiny(tiny_dir):
 
 def test_seeded_sampling_is_reproducible_and_seed_matters(tiny):
     model, tokenizer = tiny
-    first = gen.generate_text(model, tokenizer, "昨天天气很", SAMPLE, seed=1).text
-    again = gen.generate_text(model, tokenizer, "昨天天气很", SAMPLE, seed=1).text
-    other = gen.generate_text(model, tokenizer, "昨天天气很", SAMPLE, seed=2).text
-    assert first == again and first != other and len(first) > 0
+    # Temperature 1 over all ~1400 tokens of a random model: two seeds giving the same 8 tokens is
+    # practically impossible, so every seed must give its own text, and the same one each time.
+    prompt_length = len(tokenizer("昨天天气很")["input_ids"])
+    texts = []
+    for seed in range(5):
+        first = gen.generate_text(model, tokenizer, "昨天天气很", SAMPLE, seed=seed)
+        assert gen.generate_text(model, tokenizer, "昨天天气很", SAMPLE, seed=seed).text == first.text
+        assert first.new_tokens == len(first.ids) - prompt_length == SAMPLE.max_new_tokens
+        texts.append(first.text)
+    assert len(set(texts)) == len(texts)
 
 
 def test_stop_string_cuts_text_and_ends_generation(tiny):
@@ -139,7 +145,13 @@ def test_quantized_directory_loads_as_saved(tmp_path):
     model, tokenizer = models.load_model(str(tmp_path / "int8"))
     assert getattr(model, "is_loaded_in_8bit", False) or model.config.quantization_config
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
-    assert gen.generate_text(model, tokenizer, "今天", GREEDY).new_tokens > 0
+    # The saved weights, not a fresh init: int8 logits stay within rounding of the fp32 model's (~0.007
+    # here), while a random model's are ~0.8 away.
+    ids = torch.tensor([tokenizer("今天天气很好")["input_ids"]])
+    with torch.no_grad():
+        full = AutoModelForCausalLM.from_pretrained(source)(ids).logits
+        assert torch.allclose(model(ids).logits.float(), full, atol=0.05)
+    assert gen.generate_text(model, tokenizer, "今天", GREEDY).new_tokens == GREEDY.max_new_tokens
 
 
 def test_chat_template_applied_to_history(tiny_dir, tmp_path):
@@ -207,11 +219,14 @@ def test_cli_generates_clean_stdout_and_summary_on_stderr(tiny_dir, tiny, recipe
     assert "new tokens" in result.stderr and "tokens/s" in result.stderr and "first token" in result.stderr
 
 
-def test_cli_seeds_and_stop(tiny_dir):
+def test_cli_seeds_and_stop(tiny_dir, tiny):
     args = ["generate", "--model", str(tiny_dir), "--prompt", "今天", "--temperature", "1", "--top-k", "0",
             "--max-new-tokens", "6"]
-    one, same = (runner.invoke(app, args + ["--seed", "3"]).stdout for _ in range(2))
-    assert one == same
+    one, same, other = (runner.invoke(app, args + ["--seed", seed]).stdout for seed in ("3", "3", "4"))
+    assert one == same != other
+    # --seed reaches the generation: the library with that seed (and the CLI's defaults) writes the same text
+    settings = GenerateSettings(temperature=1.0, top_k=0, max_new_tokens=6)
+    assert one == "今天" + gen.generate_text(*tiny, "今天", settings, seed=3).text + "\n"
     greedy = runner.invoke(app, args + ["--greedy"]).stdout.rstrip("\n")
     stopped = runner.invoke(app, args + ["--greedy", "--stop", greedy[4], "--stop", "never"]).stdout
     assert stopped == greedy[:greedy.index(greedy[4])] + "\n"
@@ -221,6 +236,7 @@ def test_cli_seeds_and_stop(tiny_dir):
     (["--prompt", ""], "error: --prompt: empty prompt"),
     (["--prompt", "x", "--top-p", "2"], "error: generate.top_p must be in (0, 1], got 2.0"),
     (["--prompt", "x", "--device", "tpu"], "error: --device: generate.device must be one of"),
+    (["--prompt", "x", "--dtype", "float8"], "error: --dtype: generate.dtype must be one of"),
     (["--prompt", "x", "--model", "tests"], "error: tests: not a model (no config.json or adapter_config.json)"),
     (["--input", "BAD"], "bad.jsonl:2: not valid JSON"),
 ])
@@ -244,25 +260,208 @@ def test_cli_batch_writes_output(tiny_dir, tmp_path):
     assert [row["prompt"] for row in rows] == ["今天", "昨天", "我们"] and all("generated" in row for row in rows)
 
 
-def test_attention_plot_written(tiny_dir, tmp_path):
+def heatmap_cells(png: Path, axes, n: int):
+    """The RGB colour at the centre of each of the n x n cells that `axes` drew into the saved png."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        pixels = image.convert("RGB")
+        box = axes.get_window_extent()  # pixels from the bottom left; the png's rows count from the top
+        return torch.tensor([[pixels.getpixel((int(box.x0 + (col + 0.5) * box.width / n),
+                                               int(pixels.height - box.y1 + (row + 0.5) * box.height / n)))
+                              for col in range(n)] for row in range(n)])
+
+
+def viridis(value: float):
+    from matplotlib import colormaps
+
+    return torch.tensor([round(255 * channel) for channel in colormaps["viridis"](value)[:3]])
+
+
+def test_cli_attention_plot_draws_the_generated_text(tiny_dir, tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+    from PIL import Image
+
+    plotted, heatmaps = [], []
+    real_plot, real_imshow = gen.plot_attention, Axes.imshow
+    monkeypatch.setattr(gen, "plot_attention", lambda tokens, weights, *args: plotted.append((tokens, weights))
+                        or real_plot(tokens, weights, *args))
+    monkeypatch.setattr(Axes, "imshow", lambda axes, *args, **kwargs: heatmaps.append(axes)
+                        or real_imshow(axes, *args, **kwargs))
     plot = tmp_path / "attn.png"
     result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--prompt", "昨天天气很", "--greedy",
                                  "--max-new-tokens", "4", "--attention-plot", str(plot)])
     assert result.exit_code == 0, result.output
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 1000
+    # The plot covers <s> + the prompt + the 4 generated tokens, labelled with their text
+    (tokens, weights), = plotted
+    assert tokens[0] == "<s>" and "".join(tokens[1:]) == result.stdout.rstrip("\n") and len(tokens) == 10
+    assert weights.shape == (2, 2, 10, 10)
+    # Two layers side by side, 4 x 4 inches each at 100 dpi
+    with Image.open(plot) as image:
+        assert image.size == (800, 400)
+    # Each heatmap shows causal attention: every future key in the colour of 0 (viridis: dark purple), the
+    # first token's weight 1 on itself in the top colour (yellow), the rest of the past in many colours
+    assert len(heatmaps) == 2
+    future = torch.ones(10, 10, dtype=torch.bool).triu(1)
+    for axes in heatmaps:
+        cells = heatmap_cells(plot, axes, 10)
+        assert ((cells[future] - viridis(0.0)).abs() <= 2).all()
+        assert ((cells[0, 0] - viridis(1.0)).abs() <= 2).all()
+        assert len({tuple(cell) for cell in cells[~future].tolist()}) > 10
     single = tmp_path / "one.png"
     result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--prompt", "昨天", "--max-new-tokens", "2",
                                  "--attention-plot", str(single), "--attention-layer", "1", "--attention-head", "0"])
-    assert result.exit_code == 0 and single.stat().st_size > 1000
+    assert result.exit_code == 0
+    with Image.open(single) as image:
+        assert image.size == (400, 400)  # one layer
     result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--prompt", "昨天", "--max-new-tokens", "2",
                                  "--attention-plot", str(single), "--attention-layer", "5"])
     assert result.exit_code == 2 and "--attention-layer 5" in result.stderr
 
 
-def test_attention_weights_shape(tiny):
+def test_attention_plot_draws_the_chosen_layer_and_head(tiny, tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
     model, tokenizer = tiny
+    tokens, weights = gen.attention_weights(model, tokenizer, tokenizer("昨天天气很")["input_ids"])
+    drawn = []
+    real_imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda axes, matrix, *args, **kwargs: drawn.append(torch.tensor(matrix))
+                        or real_imshow(axes, matrix, *args, **kwargs))
+    cases = [((None, None), [weights[0].mean(0), weights[1].mean(0)]),  # every layer, heads averaged
+             ((1, None), [weights[1].mean(0)]), ((1, 0), [weights[1, 0]]), ((1, 1), [weights[1, 1]]),
+             ((None, 1), [weights[0, 1], weights[1, 1]])]
+    for (layer, head), expected in cases:
+        drawn.clear()
+        gen.plot_attention(tokens, weights, tmp_path / "attn.png", layer, head)
+        assert len(drawn) == len(expected) and all(torch.equal(a, b) for a, b in zip(drawn, expected)), (layer, head)
+    # so that picking a head or a layer shows something else
+    assert not torch.allclose(weights[1, 0], weights[1, 1]) and not torch.allclose(weights[0, 1], weights[1, 1])
+    with pytest.raises(LlmkitError, match="--attention-head 2: the model has heads 0..1"):
+        gen.plot_attention(tokens, weights, tmp_path / "attn.png", 0, 2)
+
+
+def test_attention_weights_are_causal_distributions_of_the_model(tiny, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny
+    before = model.config._attn_implementation
+    assert before != "eager"  # loaded with a fused kernel, which returns no weights
     generation = gen.generate_text(model, tokenizer, "昨天", GREEDY)
     tokens, weights = gen.attention_weights(model, tokenizer, generation.ids)
-    assert weights.shape == (2, 2, len(tokens), len(tokens)) and len(tokens) == len(generation.ids)
-    assert torch.allclose(weights.sum(-1), torch.ones(2, 2, len(tokens)), atol=1e-4)
-    assert model.config._attn_implementation != "eager" or True
+    n = len(generation.ids)
+    assert len(tokens) == n and weights.shape == (2, 2, n, n)  # layers x heads x query x key
+    # each query's weights are a distribution over the keys up to itself
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 2, n), atol=1e-5)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    assert (weights[..., ~causal] == 0).all() and (weights[..., causal] > 0).all()
+    # they are the model's own: what transformers' eager attention returns
+    eager = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager")
+    with torch.no_grad():
+        reference = eager(torch.tensor([generation.ids]), output_attentions=True).attentions
+    assert torch.allclose(weights, torch.stack([layer[0] for layer in reference]), atol=1e-5)
+    # eager attention is only for the plot: the model goes back to its kernel and generates as before
+    assert model.config._attn_implementation == before
+    assert gen.generate_text(model, tokenizer, "昨天", GREEDY).ids == generation.ids
+
+
+def test_attention_weights_restore_the_kernel_after_an_error(tiny, monkeypatch):
+    model, tokenizer = tiny
+    before = model.config._attn_implementation
+    assert before != "eager"
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(type(model), "forward", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        gen.attention_weights(model, tokenizer, [0, 5, 6])
+    assert model.config._attn_implementation == before
+
+
+# ---------------------------------------------------------------- beams, several sequences, dtype
+
+
+def sequence_logprob(model, ids: list[int], prompt_length: int) -> float:
+    """log P(ids[prompt_length:] | ids[:prompt_length]) under the model."""
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    return sum(logprobs[i - 1, ids[i]].item() for i in range(prompt_length, len(ids)))
+
+
+def test_beam_search_is_transformers_beam_search(tiny):
+    model, tokenizer = tiny
+    prompt = "昨天天气很"
+    beam = gen.generate_text(model, tokenizer, prompt, replace(GREEDY, num_beams=4))
+    greedy = gen.generate_text(model, tokenizer, prompt, GREEDY)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**inputs, num_beams=4, do_sample=False, max_new_tokens=GREEDY.max_new_tokens)
+    assert beam.ids == expected[0].tolist()
+    # Beam search found a likelier 8-token continuation than greedy on this model (so beams were used)
+    length = inputs["input_ids"].shape[1]
+    assert len(beam.ids) == len(greedy.ids) == length + GREEDY.max_new_tokens and beam.text != greedy.text
+    assert sequence_logprob(model, beam.ids, length) > sequence_logprob(model, greedy.ids, length)
+    assert beam.first_token_seconds is None  # transformers takes no streamer with beams
+
+
+def test_beam_search_returns_the_best_beams_per_prompt(tiny):
+    model, tokenizer = tiny
+    settings = replace(GREEDY, num_beams=4, num_return_sequences=3)
+    prompts = ["昨天天气很", "今天", "我们的国家"]
+    single = [gen.generate_text(model, tokenizer, p, settings) for p in prompts]
+    for generation, prompt in zip(single, prompts):
+        # 3 different beams, the best first: the one a single-sequence beam search returns
+        best = gen.generate_text(model, tokenizer, prompt, replace(settings, num_return_sequences=1))
+        assert len(set(generation.texts)) == 3 and generation.text == best.text
+    # batched: each prompt gets its own 3 beams, in order
+    assert gen.generate_batch(model, tokenizer, prompts, settings, batch_size=2) == [g.texts for g in single]
+
+
+def test_num_return_sequences_samples_distinct_continuations(tiny):
+    model, tokenizer = tiny
+    settings = replace(SAMPLE, num_return_sequences=3)
+    generation = gen.generate_text(model, tokenizer, "今天", settings, seed=0)
+    assert len(generation.texts) == len(set(generation.texts)) == 3 and generation.new_tokens == 3 * 8
+    batched = gen.generate_batch(model, tokenizer, ["今天", "我们的国家"], settings, seed=0)
+    assert [len(texts) for texts in batched] == [3, 3] and len({t for texts in batched for t in texts}) == 6
+
+
+def test_cli_num_return_sequences_writes_one_line_each(tiny_dir, tiny):
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "今天", "--temperature", "1", "--top-k", "0",
+            "--max-new-tokens", "6", "--seed", "5"]
+    # the library with the same seed and settings (the CLI's defaults for the rest) gives these 3 texts
+    settings = GenerateSettings(temperature=1.0, top_k=0, max_new_tokens=6, num_return_sequences=3)
+    texts = gen.generate_text(*tiny, "今天", settings, seed=5).texts
+    assert len(set(texts)) == 3
+    for flag in ("-n", "--num-return-sequences"):
+        result = runner.invoke(app, args + [flag, "3"])
+        assert result.exit_code == 0, result.output
+        assert result.stdout == "".join(f"今天{text}\n" for text in texts)  # prompt + continuation, one a line
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", "bfloat16"), ("float32", "float32"),
+                                             ("auto", "float32")])  # auto: fp32 on the CPU
+def test_dtype_loads_the_parameters_in_it(tiny_dir, dtype, expected):
+    model, tokenizer = models.load_model(str(tiny_dir), device="cpu", dtype=dtype)
+    assert {parameter.dtype for parameter in model.parameters()} == {getattr(torch, expected)}
+    assert gen.generate_text(model, tokenizer, "今天", GREEDY).new_tokens == GREEDY.max_new_tokens
+
+
+def test_cli_dtype_reaches_the_model(tiny_dir, monkeypatch):
+    loaded = []
+    real_load = gen.load_model
+
+    def load_and_keep(*args, **kwargs):
+        loaded.append(real_load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(gen, "load_model", load_and_keep)
+    for dtype in ("bfloat16", "float32"):
+        result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--prompt", "今天", "--greedy",
+                                     "--max-new-tokens", "4", "--dtype", dtype])
+        assert result.exit_code == 0, result.output
+        model, tokenizer = loaded[-1]
+        assert {parameter.dtype for parameter in model.parameters()} == {getattr(torch, dtype)}
+        expected = gen.generate_text(model, tokenizer, "今天", replace(GREEDY, max_new_tokens=4)).text
+        assert result.stdout == "今天" + expected + "\n"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from llmkit import load_recipe
@@ -47,9 +48,39 @@ def quick(root: Path, output: str, *overrides: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def outputs(workdir):
+def compressed(workdir):
+    """compressed(name): the report of METHODS[name] run on the tiny source (once, on first use)."""
+    reports = {}
+
+    def get(name: str) -> dict:
+        if name not in reports:
+            reports[name] = run(load_recipe(None, quick(workdir, name, *METHODS[name])))
+        return reports[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def outputs(compressed):
     """Every method run once on the tiny source: {name: report}."""
-    return {name: run(load_recipe(None, quick(workdir, name, *overrides))) for name, overrides in METHODS.items()}
+    return {name: compressed(name) for name in METHODS}
+
+
+def fp32_source(workdir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(workdir / "source").eval()
+
+
+def logits(model, tokenizer):
+    with torch.no_grad():
+        return model(**tokenizer(["今天天气很好，我们热爱和平"], return_tensors="pt")).logits
+
+
+def saved_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for path in sorted(folder.glob("*.safetensors")) for k, v in load_file(path).items()}
 
 
 def digest(folder: Path) -> dict:
@@ -66,15 +97,40 @@ def test_every_method_reloads_in_a_new_process_and_generates(outputs, workdir):
         "for path in sys.argv[1:]:\n"
         "    model, tokenizer = load_model(path)\n"
         "    generation = generate_text(model, tokenizer, '今天', GenerateSettings(greedy=True, max_new_tokens=3))\n"
-        "    print(path, type(model.model.layers[0].mlp.up_proj).__name__, generation.new_tokens)\n")
+        "    layer = type(model.model.layers[0].mlp.down_proj)\n"
+        "    print(path, f'{layer.__module__}.{layer.__qualname__}', generation.new_tokens)\n")
     result = subprocess.run([sys.executable, "-c", script, *(str(workdir / name) for name in METHODS)],
                             capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     layers = {Path(line.split()[0]).name: line.split()[1:] for line in result.stdout.splitlines()}
     assert all(tokens == "3" for _, tokens in layers.values()) and len(layers) == len(METHODS)
-    assert layers["bnb-int8"][0] == "Linear8bitLt" and layers["bnb-nf4"][0] == layers["bnb-fp4"][0] == "Linear4bit"
-    assert layers["dynamic-int8"][0] == "Linear" and "dynamic" in outputs["dynamic-int8"]["details"]["applied"]
+    assert layers["bnb-int8"][0].endswith(".Linear8bitLt") and layers["bnb-int8"][0].startswith("bitsandbytes.")
+    assert layers["bnb-nf4"][0] == layers["bnb-fp4"][0] and layers["bnb-nf4"][0].endswith(".Linear4bit")
+    # torch.ao's int8 layer is also called "Linear": the module path tells it from torch.nn's
+    assert layers["dynamic-int8"][0] == "torch.ao.nn.quantized.dynamic.modules.linear.Linear"
+    assert {layers[name][0] for name in ("prune", "mlp-units", "attention-heads")} == {"torch.nn.modules.linear.Linear"}
+
+
+def test_dynamic_int8_loads_int8_linears_that_compute_as_quantizing_in_process(compressed, workdir):
+    import copy
+
+    from llmkit.models import load_model
+    from llmkit.quantize import quantize_dynamic_int8
+
+    compressed("dynamic-int8")
+    loaded, tokenizer = load_model(str(workdir / "dynamic-int8"), device="cpu")
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    kinds = {type(layer.get_submodule(name)) for layer in loaded.model.layers for name in projections}
+    assert kinds == {torch.ao.nn.quantized.dynamic.Linear}
+    assert type(loaded.lm_head) is torch.nn.Linear and loaded.lm_head.weight.dtype == torch.float32
+    fp32 = fp32_source(workdir)
+    direct = quantize_dynamic_int8(copy.deepcopy(fp32))  # the saved weights are the source's, in fp32
+    got, expected, unquantized = (logits(model, tokenizer) for model in (loaded, direct, fp32))
+    assert torch.equal(got, expected)
+    # int8 rounding shows in the logits (by ~6e-3 here): a quantization that did nothing would not
+    assert (got - unquantized).abs().max().item() > 1e-4
 
 
 def test_structured_pruning_saves_a_smaller_model_plain_transformers_loads(outputs, workdir):
@@ -88,6 +144,62 @@ def test_structured_pruning_saves_a_smaller_model_plain_transformers_loads(outpu
         assert outputs[name]["after"]["parameters"] < outputs[name]["before"]["parameters"]
 
 
+def kept_blocks(original, pruned, size: int = 1) -> list[int]:
+    """Which row blocks (of `size` rows) of the original weight survive in the pruned one, in order: found
+    by value, not by pruning's own rule."""
+    old, new = original.reshape(-1, size * original.shape[1]), pruned.reshape(-1, size * pruned.shape[1])
+    kept = [next(i for i, block in enumerate(old) if torch.equal(block, row)) for row in new]
+    assert kept == sorted(set(kept))
+    return kept
+
+
+def test_removing_mlp_units_equals_zeroing_the_weakest_units_of_the_original(compressed, workdir):
+    from transformers import AutoModelForCausalLM
+
+    compressed("mlp-units")
+    original, pruned = fp32_source(workdir), AutoModelForCausalLM.from_pretrained(workdir / "mlp-units").eval()
+    tokenizer = char_tokenizer()
+    with torch.no_grad():
+        for big, small in zip(original.model.layers, pruned.model.layers, strict=True):
+            mlp = big.mlp
+            kept = kept_blocks(mlp.gate_proj.weight, small.mlp.gate_proj.weight)
+            removed = sorted(set(range(mlp.gate_proj.out_features)) - set(kept))
+            assert len(removed) == 16  # 25% of 64 units
+            # magnitude pruning: the removed units are the ones whose in and out weights are smallest
+            score = (mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1)
+                     * mlp.down_proj.weight.norm(dim=0))
+            assert score[removed].max() < score[kept].min()
+            mlp.gate_proj.weight[removed] = 0
+            mlp.up_proj.weight[removed] = 0
+            mlp.down_proj.weight[:, removed] = 0
+    # a removed unit contributed nothing else: the smaller model computes what the zeroed original does
+    assert torch.allclose(logits(pruned, tokenizer), logits(original, tokenizer), rtol=0, atol=1e-5)
+
+
+def test_removing_a_head_group_equals_zeroing_it_in_the_original(compressed, workdir):
+    from transformers import AutoModelForCausalLM
+
+    compressed("attention-heads")
+    original, pruned = fp32_source(workdir), AutoModelForCausalLM.from_pretrained(workdir / "attention-heads").eval()
+    tokenizer = char_tokenizer()
+    head_dim = original.config.hidden_size // original.config.num_attention_heads  # 16; 2 groups of 1 head
+    with torch.no_grad():
+        for big, small in zip(original.model.layers, pruned.model.layers, strict=True):
+            attention = big.self_attn
+            kept = kept_blocks(attention.v_proj.weight, small.self_attn.v_proj.weight, head_dim)
+            removed = [group for group in range(2) if group not in kept]
+            assert len(removed) == 1
+            # the weaker group goes: by the norms of its value and output weights
+            score = (attention.v_proj.weight.view(2, -1).norm(dim=1)
+                     * attention.o_proj.weight.t().reshape(2, -1).norm(dim=1))
+            assert score[removed].max() < score[kept].min()
+            rows = slice(removed[0] * head_dim, (removed[0] + 1) * head_dim)
+            for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+                projection.weight[rows] = 0
+            attention.o_proj.weight[:, rows] = 0
+    assert torch.allclose(logits(pruned, tokenizer), logits(original, tokenizer), rtol=0, atol=1e-5)
+
+
 def test_unstructured_pruning_zeroes_the_share_asked_for(outputs):
     report = outputs["prune"]
     assert report["after"]["zero_weights"] == pytest.approx(0.5, abs=0.01) and report["before"]["zero_weights"] < 0.01
@@ -96,19 +208,36 @@ def test_unstructured_pruning_zeroes_the_share_asked_for(outputs):
 def test_report_is_measured_from_the_saved_files(outputs, workdir):
     from llmkit.evaluate import run as evaluate
 
-    for name, report in outputs.items():
-        saved = json.loads((workdir / name / REPORT_FILE).read_text(encoding="utf-8"))
-        assert saved["after"] == report["after"]
-        weights = sum(p.stat().st_size for p in (workdir / name).glob("*.safetensors"))
-        assert report["after"]["weights_bytes"] == weights
-        assert "## Quantization report" in (workdir / name / "README.md").read_text(encoding="utf-8")
-    assert outputs["bnb-nf4"]["change_ratio"]["weights_bytes"] < 0.5
+    def file_bytes(folder):
+        return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+    def count(folder):
+        return sum(t.numel() for t in saved_tensors(folder).values())
+
     eval_recipe = load_recipe(None, [f"eval.output={workdir / 'eval.json'}", *[
         f"eval.tasks=[{{kind = 'perplexity', source = '{workdir / 'text.txt'}', context_length = 16, stride = 8}}]"]])
-    for name in ("bnb-nf4", "prune"):  # `llmkit eval` on the saved folder gives the reported figure
-        metrics = evaluate(eval_recipe, models=[str(workdir / name)])[0].metrics
-        assert metrics["perplexity"] == pytest.approx(outputs[name]["after"]["metrics"]["perplexity"], rel=1e-6)
-        assert metrics["perplexity"] != outputs[name]["before"]["metrics"]["perplexity"]
+    reports = {name: json.loads((workdir / name / REPORT_FILE).read_text(encoding="utf-8")) for name in outputs}
+    results = evaluate(eval_recipe, models=[str(workdir / "source"), *(str(workdir / name) for name in reports)])
+    source = workdir / "source"
+    for (name, report), result in zip(reports.items(), results[1:], strict=True):
+        folder, before, after = workdir / name, report["before"], report["after"]
+        # `llmkit eval` on the source and on the saved folder gives the reported figures
+        assert before["metrics"]["perplexity"] == pytest.approx(results[0].metrics["perplexity"], rel=1e-6)
+        assert after["metrics"]["perplexity"] == pytest.approx(result.metrics["perplexity"], rel=1e-6), name
+        assert (before["weights_bytes"], after["weights_bytes"]) == (file_bytes(source), file_bytes(folder))
+        assert before["parameters"] == count(source)
+        if name.startswith("bnb-"):  # packed weights and their scales: the files hold no 1:1 count
+            assert after["parameters"] == before["parameters"]  # quantizing keeps every weight
+        else:  # fp32 files (dynamic-int8 quantizes as it loads): one number per parameter
+            assert after["parameters"] == count(folder)
+        assert "## Quantization report" in (folder / "README.md").read_text(encoding="utf-8")
+    assert reports["bnb-nf4"]["change_ratio"]["weights_bytes"] < 0.5
+    for name in ("bnb-nf4", "prune", "dynamic-int8"):
+        assert reports[name]["after"]["metrics"]["perplexity"] != reports[name]["before"]["metrics"]["perplexity"]
+    # unstructured pruning: the zero share reported is the share of zeros in the saved layer matrices
+    matrices = [t for k, t in saved_tensors(workdir / "prune").items() if ".layers." in k and t.dim() == 2]
+    zeros = sum(int((t == 0).sum()) for t in matrices) / sum(t.numel() for t in matrices)
+    assert reports["prune"]["after"]["zero_weights"] == pytest.approx(zeros, abs=1e-12)
 
 
 def test_recovery_fine_tune_keeps_the_pruned_weights_zero(workdir, tiny):
@@ -149,3 +278,23 @@ def test_bad_input_and_a_second_run_leave_the_source_byte_identical(outputs, wor
 def test_recipe_settings_are_checked():
     with pytest.raises(LlmkitError, match="quantize.recovery_steps needs method"):
         load_recipe(None, ["quantize.method=bnb-nf4", "quantize.recovery_steps=10"])
+
+
+def test_four_bit_keeps_narrow_layers_unquantized_and_says_so(compressed, workdir):
+    """The tiny source (hidden 32) has layers too narrow for bitsandbytes' 4-bit blocks: they stay in full
+    precision (on every CPU alike), the others are 4-bit, and the report and the model card name them."""
+    import bitsandbytes as bnb
+    import torch
+
+    from llmkit.models import load_model
+
+    kept = compressed("bnb-nf4")["details"]["kept_in_full_precision"]
+    assert sorted(kept["layers"]) == sorted(f"layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"))
+    assert "multiple of 64" in kept["why"]
+    assert "12 linear layer(s) kept in full precision" in (workdir / "bnb-nf4" / "README.md").read_text()
+    model, _ = load_model(str(workdir / "bnb-nf4"))
+    layers = dict(model.model.named_modules())
+    for name in kept["layers"]:
+        assert type(layers[name]) is torch.nn.Linear
+    assert all(isinstance(layers[f"layers.{i}.mlp.down_proj"], bnb.nn.Linear4bit) for i in range(2))

@@ -145,6 +145,18 @@ def test_chat_truncation_is_counted_and_a_row_with_no_response_left_is_dropped(t
     assert features.rows[0]["labels"] == [IGNORE] * 7 + ids(tokenizer, "很")
 
 
+def test_text_pair_is_encoded_after_the_text_and_counted_when_truncated(tokenizer):
+    settings = FinetuneSettings(task="classification", text_pair_column="pair", max_length=64)
+    rows = [{"text": "今天", "pair": "很好", "label": "good"}]
+    features = encode(settings, tokenizer, rows, ["bad", "good"])
+    # The character tokenizer's pair template: <s> text pair.
+    assert features.rows == [{"input_ids": [tokenizer.bos_token_id] + ids(tokenizer, "今天") + ids(tokenizer, "很好"),
+                              "attention_mask": [1] * 5, "labels": 1}]
+    assert features.truncated == 0
+    settings.max_length = 4  # the pair makes the row 5 tokens long
+    assert encode(settings, tokenizer, rows, ["bad", "good"]).truncated == 1
+
+
 def test_encode_tagging_puts_each_tag_on_the_first_sub_token(tokenizer):
     settings = FinetuneSettings(task="token-classification", max_length=64)
     label2id = ["O", "B-LOC", "I-LOC"]
