@@ -28,6 +28,10 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 debug_mode = {"on": False}
 
 RecipeArg = typer.Argument(..., help="Recipe file, or the name of a shipped recipe (see `llmkit recipe list`).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing run that llmkit made, once the new "
+                                                        "one is complete.")
+ResumeOpt = typer.Option(False, "--resume", help="Continue the run from its newest complete checkpoint.")
+ForceOpt = typer.Option(False, "--force", help="With --resume: accept a recipe that differs from the run's.")
 SetOpt = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                       help="Override a recipe key, e.g. --set train.learning_rate=3e-4 (repeatable).")
 
@@ -66,9 +70,8 @@ def reporting_errors() -> Iterator[None]:
 @app.command(epilog="Examples:\n\n  llmkit pretrain pretrain-zh-tiny\n\n"
                     "  llmkit pretrain recipes/pretrain-zh-small.toml --set train.max_steps=100 --overwrite\n\n"
                     "  torchrun --nproc_per_node 2 -m llmkit pretrain pretrain-zh-tiny")
-def pretrain(recipe: str = RecipeArg, sets: List[str] = SetOpt,
-             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
-             resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest checkpoint.")):
+def pretrain(recipe: str = RecipeArg, sets: List[str] = SetOpt, overwrite: bool = OverwriteOpt,
+             resume: bool = ResumeOpt, force: bool = ForceOpt):
     """Train a tokenizer and a causal or masked language model from scratch, or continue one."""
     with reporting_errors():
         from llmkit.recipe import load_recipe
@@ -76,7 +79,7 @@ def pretrain(recipe: str = RecipeArg, sets: List[str] = SetOpt,
         settings = load_recipe(recipe, sets)
         from llmkit import pretrain as task
 
-        task.run(settings, overwrite=overwrite, resume=resume)
+        task.run(settings, overwrite=overwrite, resume=resume, force=force)
 
 
 @app.command(epilog="Examples:\n\n  llmkit generate --prompt 昨天天气很\n\n"
@@ -150,9 +153,8 @@ def eval_command(recipe: str = RecipeArg, sets: List[str] = SetOpt,
 @app.command(epilog="Examples:\n\n  llmkit finetune classify\n\n"
                     "  llmkit finetune classify-qlora --set finetune.merge=true\n\n"
                     "  llmkit finetune ner --set model.path=runs/pretrain-zh-tiny --set train.epochs=1")
-def finetune(recipe: str = RecipeArg, sets: List[str] = SetOpt,
-             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
-             resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest checkpoint."),
+def finetune(recipe: str = RecipeArg, sets: List[str] = SetOpt, overwrite: bool = OverwriteOpt,
+             resume: bool = ResumeOpt, force: bool = ForceOpt,
              merge: bool = typer.Option(False, "--merge", help="Also save the base with the LoRA/DoRA/QLoRA adapter "
                                                                "merged in (<run>/merged), as finetune.merge = true.")):
     """Adapt a model to a task: classification, token classification, extractive QA or instruction
@@ -163,7 +165,7 @@ def finetune(recipe: str = RecipeArg, sets: List[str] = SetOpt,
         settings = load_recipe(recipe, [*sets, *(["finetune.merge=true"] if merge else [])])
         from llmkit import finetune as task
 
-        task.run(settings, overwrite=overwrite, resume=resume)
+        task.run(settings, overwrite=overwrite, resume=resume, force=force)
 
 
 @app.command(epilog="Examples:\n\n  llmkit quantize quantize-nf4\n\n"
@@ -177,7 +179,8 @@ def quantize(recipe: Optional[str] = typer.Argument(None, help="Recipe with a qu
                                                   help="bnb-int8, bnb-nf4 (nf4), bnb-fp4 (fp4), dynamic-int8 or prune."),
              output: Optional[str] = typer.Option(None, "--output", "-o", help="Folder for the compressed model."),
              sparsity: Optional[float] = typer.Option(None, "--sparsity", help="prune: share removed, in (0, 1)."),
-             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder.")):
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an output folder that llmkit "
+                                                                     "made, once the new one is complete.")):
     """Compress a model (bitsandbytes int8/NF4/FP4, dynamic int8, pruning) and report what it cost."""
     with reporting_errors():
         from llmkit.recipe import load_recipe, toml_value

@@ -18,10 +18,12 @@ from typing import Sequence
 
 from llmkit.corpora import BUILTIN_CORPORA, BUILTIN_DATASETS, SPLITS
 from llmkit.errors import LlmkitError
-from llmkit.settings import DataSettings
+from llmkit.recipe import looks_local
+from llmkit.settings import DataSettings, did_you_mean
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
+CSV_FIELD_LIMIT = 2**31 - 1  # a long document is data, not an error (csv's default limit is 131,072 characters)
 
 
 @dataclass
@@ -96,10 +98,13 @@ def load_rows(source: str, columns: Sequence[str], document: str = "line", hub_c
         check_columns(rows[0] if rows else {}, columns, text_columns, f"built-in data set {source}")
     elif Path(source).exists():
         rows = [row for path in data_files(Path(source)) for row in read_file(path, columns, text_columns, document)]
+    elif looks_local(source):
+        raise LlmkitError(f"data source not found: {source} (no such file or folder)")
     elif HUB_NAME.fullmatch(source) and not source.endswith(SUFFIXES):
         rows = read_hub_dataset(source, columns, text_columns, hub_config, hub_split)
     else:
-        raise LlmkitError(f"data source not found: {source} (expected a file, a folder, a hub dataset "
+        hint = did_you_mean(name, [*BUILTIN_CORPORA, *BUILTIN_DATASETS])
+        raise LlmkitError(f"data source not found: {source}{hint} (expected a file, a folder, a hub dataset "
                           f"'owner/name', a built-in corpus: {', '.join(BUILTIN_CORPORA)}, or a built-in data set "
                           f"NAME or NAME:SPLIT ({'|'.join(SPLITS)}): {', '.join(BUILTIN_DATASETS)})")
     if not rows:
@@ -153,14 +158,22 @@ def read_jsonl(path: Path, columns: Sequence[str], text_columns: int) -> list[di
 
 def read_csv(path: Path, columns: Sequence[str], text_columns: int) -> list[dict]:
     reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    check_header(reader.fieldnames or [], columns, str(path))
-    return [check_columns(row, columns, text_columns, f"{path}:{reader.line_num}") for row in reader]
+    default_limit = csv.field_size_limit(CSV_FIELD_LIMIT)  # a process-wide setting: put back when done
+    try:
+        check_header(reader.fieldnames or [], columns, str(path))
+        return [check_columns(row, columns, text_columns, f"{path}:{reader.line_num}") for row in reader]
+    finally:
+        csv.field_size_limit(default_limit)
 
 
 def read_parquet(path: Path, columns: Sequence[str], text_columns: int) -> list[dict]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise LlmkitError(f"{path}: not a readable Parquet file ({str(error).splitlines()[0]})") from None
     check_header(table.column_names, columns, str(path))
     return [check_columns(row, columns, text_columns, f"{path}: row {number}")
             for number, row in enumerate(table.to_pylist(), 1)]
@@ -178,7 +191,8 @@ def read_hub_dataset(name: str, columns: Sequence[str], text_columns: int, confi
 def check_header(names: Sequence[str], columns: Sequence[str], where: str) -> None:
     missing = [column for column in columns if column not in names]
     if missing:
-        raise LlmkitError(f"{where}: no column '{missing[0]}' (columns: {list(names)}); set the recipe's column names")
+        raise LlmkitError(f"{where}: no column '{missing[0]}'{did_you_mean(missing[0], names)} "
+                          f"(columns: {list(names)}); set the recipe's column names")
 
 
 def check_columns(row: object, columns: Sequence[str], text_columns: int, where: str) -> dict:
@@ -186,8 +200,11 @@ def check_columns(row: object, columns: Sequence[str], text_columns: int, where:
     if not isinstance(row, dict):
         raise LlmkitError(f"{where}: expected a JSON object with {', '.join(repr(c) for c in columns)}")
     for column in columns:
-        if row.get(column) is None:
-            raise LlmkitError(f"{where}: expected a '{column}' field (set the recipe's column names)")
+        if column not in row:
+            raise LlmkitError(f"{where}: expected a '{column}' field{did_you_mean(column, row)} "
+                              f"(fields: {list(row)}); set the recipe's column names")
+        if row[column] is None:
+            raise LlmkitError(f"{where}: expected a '{column}' field, found it empty")
     for column in columns[:text_columns]:
         if not isinstance(row[column], str):
             raise LlmkitError(f"{where}: expected the '{column}' field to be text, got {row[column]!r}")

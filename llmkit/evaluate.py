@@ -11,6 +11,7 @@ once per head. Results: a rich table, `eval.output` (JSON), and a row in each ru
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -20,7 +21,7 @@ from llmkit.corpora import BUILTIN_CORPORA
 from llmkit.data import count_chars, load_rows, split_documents
 from llmkit.errors import LlmkitError
 from llmkit.models import model_positions
-from llmkit.rundir import append_jsonl, write_json
+from llmkit.rundir import OWNER_MARK, append_jsonl, write_json
 from llmkit.settings import EvalTask, GenerateSettings, Recipe
 
 HEAD_FOR_KIND = {
@@ -30,6 +31,8 @@ HEAD_FOR_KIND = {
     "extractive-qa": "question-answering",
     "generation": "causal-lm",
 }
+RESULTS_MARK = "llmkit eval"  # "made_by" of the results file: the only file eval.output may replace
+EVALUATIONS_FILE = "evaluations.jsonl"  # in a run folder: every `llmkit eval` of that run, one row per task
 MAX_WINDOW = 1024  # perplexity window when the model allows longer
 MAX_ANSWER_TOKENS = 30  # extractive QA: longest answer span considered
 HEADLINE = {  # metric shown in the side-by-side table, in this order
@@ -76,13 +79,12 @@ def task_rows(task: EvalTask, limit: int) -> list[dict]:
 
 
 def run(recipe: Recipe, models: list[str] | None = None, limit: int | None = None) -> list[EvalResult]:
-    import transformers
-
-    from llmkit.console import console
+    from llmkit.console import console, quiet_libraries
     from llmkit.models import load_model, resolve_model
 
-    transformers.logging.set_verbosity_error()
+    quiet_libraries()
     settings = recipe.eval
+    check_results_file(Path(settings.output))
     limit = settings.limit if limit is None else limit
     data = {task_name(task): (task, task_rows(task, limit)) for task in settings.tasks}
     sources = [resolve_model(name, recipe.run.output_dir) for name in (models or settings.models or [None])]
@@ -120,12 +122,27 @@ def report(results: list[EvalResult], output: str, console) -> None:
             cells = [format_metric(by_key[(m, task)].metrics.get(metric)) for m in models]
             table.add_row(task, metric, *cells)
     console.print(table)
-    write_json(Path(output), {"results": [vars(r) for r in results]})
+    write_json(Path(output), {"made_by": RESULTS_MARK, "results": [vars(r) for r in results]})
     console.print(f"results written to {output}")
-    for result in results:
-        metrics_file = Path(result.model) / "metrics.jsonl"
-        if metrics_file.is_file():
-            append_jsonl(metrics_file, {"eval_task": result.task, "eval_kind": result.kind, **result.metrics})
+    for result in results:  # a run keeps its scores beside its training metrics, in a file of their own
+        if (Path(result.model) / OWNER_MARK).is_file():
+            append_jsonl(Path(result.model) / EVALUATIONS_FILE,
+                         {"eval_task": result.task, "eval_kind": result.kind, **result.metrics})
+
+
+def check_results_file(path: Path) -> None:
+    """eval.output is a .json file: new, or one that llmkit eval wrote (never a file a user made)."""
+    if path.suffix != ".json":
+        raise LlmkitError(f"eval.output must be a .json file, got {str(path)!r}")
+    if path.is_dir():
+        raise LlmkitError(f"eval.output {path} is a folder; name a .json file")
+    if path.exists():
+        try:
+            made_by = json.loads(path.read_text(encoding="utf-8")).get("made_by")
+        except (OSError, ValueError, AttributeError):
+            made_by = None
+        if made_by != RESULTS_MARK:
+            raise LlmkitError(f"eval.output {path} exists and is not an llmkit eval result; name another file")
 
 
 def format_metric(value) -> str:

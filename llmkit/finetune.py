@@ -50,29 +50,48 @@ class FinetuneResult:
     test_metrics: dict  # finetune.test_source scored once at the end; {} without one
 
 
-def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks: list | None = None) -> FinetuneResult:
-    """Fine-tune as the recipe says; `callbacks` (transformers TrainerCallback) join the Trainer's."""
-    import datasets
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks: list | None = None,
+        force: bool = False) -> FinetuneResult:
+    """Fine-tune as the recipe says; `callbacks` (transformers TrainerCallback) join the Trainer's.
+    `force`: resume although the recipe differs from the run's in keys that matter."""
+    from llmkit import rundir
+    from llmkit.console import console, quiet_libraries
+
+    quiet_libraries()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21
+    settings = recipe.finetune
+    run_dir = rundir.run_dir_for(recipe.run.output_dir, recipe.run.name)
+    if settings.method != "full" and not recipe.model.path:
+        raise LlmkitError(f'finetune.method = "{settings.method}" trains an adapter on a base model: set model.path '
+                          f'(a run, model directory or hub id), or use method = "full" to train from scratch')
+    if settings.method != "full" and Path(recipe.model.path).resolve() == run_dir.resolve():
+        raise LlmkitError(f"model.path {recipe.model.path} is this run's own folder: an adapter needs its base model "
+                          f"to stay; set another run.name")
+    with rundir.RunFolder(run_dir, overwrite, resume) as folder:
+        validation, test, main = train(recipe, folder, resume, force, callbacks)
+    if main:
+        rundir.point_latest(run_dir)
+        show_results(console, run_dir, settings, validation, test)
+    return FinetuneResult(run_dir, validation, test)
+
+
+def train(recipe: Recipe, folder, resume: bool, force: bool, callbacks: list | None):
+    """Set up (everything that can refuse the input runs before the disk is touched), train into
+    `folder.work_dir` (a rundir.RunFolder) and finish there;
+    -> (validation metrics, test metrics, whether this is the main process)."""
     import transformers
 
     from llmkit import rundir
     from llmkit.adapters import apply_method
-    from llmkit.builders import training_arguments
+    from llmkit.builders import training_arguments, training_precision
     from llmkit.console import console
     from llmkit.task_data import load_task_data
-    from llmkit.training import MetricsFile, train_resumably
+    from llmkit.training import MetricsFile, check_resume_recipe, train_resumably
 
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21
+    run_dir, work_dir = folder.run_dir, folder.work_dir
     settings = recipe.finetune
-    run_dir = rundir.run_dir_for(recipe.run.output_dir, recipe.run.name)
-    rundir.check_run_dir(run_dir, overwrite, resume)
-    if settings.method != "full" and not recipe.model.path:
-        raise LlmkitError(f'finetune.method = "{settings.method}" trains an adapter on a base model: set model.path '
-                          f'(a run, model directory or hub id), or use method = "full" to train from scratch')
-
+    if resume:
+        check_resume_recipe(recipe, run_dir, force)
     with console.status("reading data"):
         data = load_task_data(settings, recipe.run.seed)
     with console.status("preparing the tokenizer"):
@@ -84,7 +103,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     train_features, validation_features = encode_splits(recipe, tokenizer, data, model, console)
 
     metric = settings.metric or DEFAULT_METRIC[settings.task]
-    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, run_dir / rundir.CHECKPOINTS,
+    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
                               load_best_model_at_end=True, metric_for_best_model=metric,
                               greater_is_better=not metric.endswith("loss"), remove_unused_columns=False,
                               train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
@@ -92,17 +111,15 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
                               **({"save_steps": recipe.train.eval_every} if recipe.train.eval_every else {}))
     with args.main_process_first(desc="run directory"):
         if args.process_index == 0 and not resume:
-            rundir.prepare_run_dir(run_dir, overwrite)
-            (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe), encoding="utf-8")
-            rundir.write_json(run_dir / "provenance.json",
-                              rundir.provenance(data_fingerprint(data), args.world_size))
+            folder.start(recipe_to_toml(recipe), rundir.provenance(data_fingerprint(data), args.world_size))
     if args.process_index == 0:
-        describe_setup(console, model, settings, data, train_features)
+        describe_setup(console, model, settings, data, train_features, training_precision(recipe.train.precision))
 
     trainer = make_trainer(recipe, model, tokenizer, args, train_features, validation_features, data, teacher,
-                           callbacks=[MetricsFile(run_dir / "metrics.jsonl"), *(callbacks or [])])
-    train_resumably(trainer, run_dir, resume, "finetune")
-    return finish(recipe, trainer, tokenizer, data, run_dir)
+                           callbacks=[MetricsFile(work_dir / "metrics.jsonl"), *(callbacks or [])])
+    train_resumably(trainer, work_dir, resume, "finetune")
+    validation, test = finish(recipe, trainer, tokenizer, data, work_dir)
+    return validation, test, args.process_index == 0
 
 
 # ---------------------------------------------------------------- setup
@@ -168,7 +185,7 @@ def build_task_model(recipe: Recipe, tokenizer, labels: list[str], quantize: boo
     source = resolve_model(recipe.model.path)
     quantize = settings.method == "qlora" if quantize is None else quantize
     if quantize:
-        options |= {"quantization_config": quantization_config(), "device_map": {"": pick_device()}}
+        options |= {"quantization_config": quantization_config(source, auto), "device_map": {"": pick_device()}}
     try:
         model = no_head_error(lambda: with_head(auto, source, ignore_mismatched_sizes=bool(labels), **options),
                               source, head)
@@ -243,13 +260,14 @@ def data_fingerprint(data) -> str:
     return fingerprint([json.dumps(row, ensure_ascii=False, sort_keys=True) for row in data.train + data.validation])
 
 
-def describe_setup(console, model, settings, data, train_features) -> None:
+def describe_setup(console, model, settings, data, train_features, precision) -> None:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     labels = f", {len(data.labels)} labels" if data.labels else ""
     console.print(f"{settings.task} by {settings.method}: {model.config.model_type}, {total / 1e6:.2f}M parameters "
                   f"({trainable / total:.1%} trained); data: {len(train_features):,} training / "
-                  f"{len(data.validation):,} validation / {len(data.test):,} test examples{labels}", highlight=False)
+                  f"{len(data.validation):,} validation / {len(data.test):,} test examples{labels}; "
+                  f"{precision.name} ({precision.reason})", highlight=False)
 
 
 # ---------------------------------------------------------------- training
@@ -368,16 +386,16 @@ def validation_scorer(recipe: Recipe, tokenizer, data):
 # ---------------------------------------------------------------- finish
 
 
-def finish(recipe: Recipe, trainer, tokenizer, data, run_dir: Path) -> FinetuneResult:
-    from llmkit import rundir
+def finish(recipe: Recipe, trainer, tokenizer, data, run_dir: Path) -> tuple[dict, dict]:
     from llmkit.console import console
+    from llmkit.training import trained_model
 
     settings = recipe.finetune
     validation = {k[len("eval_"):]: v for k, v in best_evaluation(trainer).items()}
     trainer.save_model(str(run_dir))
     test: dict = {}
     if trainer.is_world_process_zero():
-        model = trainer.model
+        model = trained_model(trainer)
         if settings.method != "full":
             save_head_config(model, run_dir)
         if settings.merge:
@@ -387,9 +405,7 @@ def finish(recipe: Recipe, trainer, tokenizer, data, run_dir: Path) -> FinetuneR
             with console.status(f"scoring {len(data.test):,} test examples"):
                 test = score_test(recipe, model, tokenizer, data)
         write_reports(recipe, trainer, tokenizer, data, run_dir, validation, test)
-        rundir.point_latest(run_dir)
-        show_results(console, run_dir, settings, validation, test)
-    return FinetuneResult(run_dir, validation, test)
+    return validation, test
 
 
 def best_evaluation(trainer) -> dict:
@@ -404,10 +420,12 @@ def best_evaluation(trainer) -> dict:
 
 def save_head_config(model, run_dir: Path) -> None:
     """An adapter run keeps the task model's config (head, labels) so that it reloads onto its base."""
+    from llmkit.rundir import write_json
+
     base = model.get_base_model()
     config = base.config.to_dict() | {"architectures": [type(base).__name__]}
     config.pop("quantization_config", None)  # the adapter loads onto the base in full precision
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(run_dir / "config.json", config)
 
 
 def merge(recipe: Recipe, tokenizer, labels: list[str], run_dir: Path) -> None:

@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 from llmkit.errors import LlmkitError
 from llmkit.generation import cut_at_stop, generation_kwargs
 from llmkit.models import load_model
+from llmkit.rundir import write_text
 from llmkit.settings import GenerateSettings
 
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans SC", "Noto Serif CJK SC",
@@ -53,8 +54,9 @@ def run(settings: GenerateSettings, *, output_dir: str = "runs", seed: int = 0, 
         input_path: Path | None = None, output_path: Path | None = None, chat: bool = False,
         attention: AttentionPlot | None = None) -> None:
     """`llmkit generate`: one prompt (or the settings' prompts), a batch file, or a chat session."""
-    from llmkit.console import console, error_console
+    from llmkit.console import console, error_console, quiet_libraries
 
+    quiet_libraries()
     if sum(bool(x) for x in (prompt is not None, input_path, chat)) > 1:
         raise LlmkitError("--prompt, --input and --chat exclude each other")
     if output_path is not None and input_path is None:
@@ -338,13 +340,13 @@ def write_results(path: str | Path | None, rows: list[dict], settings: GenerateS
             generated = row[settings.output_field]
             for text in generated if isinstance(generated, list) else [generated]:
                 lines.append((row[settings.prompt_field] + text).replace("\n", "\\n"))
-        Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        write_text(Path(path), "".join(line + "\n" for line in lines))
         return
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if path is None:
         sys.stdout.write(text)
     else:
-        Path(path).write_text(text, encoding="utf-8")
+        write_text(Path(path), text)
 
 
 def check_output_path(output_path: str | Path | None) -> None:

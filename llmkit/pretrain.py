@@ -28,26 +28,43 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMKIT_CACHE", Path.home() / ".cache" / "llmkit")) / "blocks"
 
 
-def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks: list | None = None) -> PretrainResult:
-    """Pretrain as the recipe says; `callbacks` (transformers TrainerCallback) are added to the Trainer's."""
-    import datasets
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks: list | None = None,
+        force: bool = False) -> PretrainResult:
+    """Pretrain as the recipe says; `callbacks` (transformers TrainerCallback) are added to the Trainer's.
+    `force`: resume although the recipe differs from the run's in keys that matter."""
+    from llmkit import rundir
+    from llmkit.console import console, quiet_libraries
+
+    quiet_libraries()
+    check_pretraining(recipe)
+    run_dir = rundir.run_dir_for(recipe.run.output_dir, recipe.run.name)
+    with rundir.RunFolder(run_dir, overwrite, resume) as folder:
+        metrics, samples, main = train(recipe, folder, resume, force, callbacks)
+    if main:
+        rundir.point_latest(run_dir)
+        console.print(f"[bold green]done[/]: model saved in {run_dir}", highlight=False)
+        for text in samples:
+            console.print(f"  {text}", highlight=False)
+    return PretrainResult(run_dir, metrics, samples)
+
+
+def train(recipe: Recipe, folder, resume: bool, force: bool, callbacks: list | None):
+    """Set up (everything that can refuse the input runs before the disk is touched), train into
+    `folder.work_dir` (a rundir.RunFolder) and finish there;
+    -> (final metrics, samples, whether this is the main process)."""
     import transformers
 
     from llmkit import rundir
-    from llmkit.builders import build_model, training_arguments
+    from llmkit.builders import build_model, training_arguments, training_precision
     from llmkit.console import console
     from llmkit.data import load_text_splits, pack_blocks
     from llmkit.tokenizer import load_tokenizer, train_tokenizer
-    from llmkit.training import MetricsFile, train_resumably
+    from llmkit.training import MetricsFile, check_resume_recipe, train_resumably
 
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    check_pretraining(recipe)
-    run_dir = rundir.run_dir_for(recipe.run.output_dir, recipe.run.name)
-    rundir.check_run_dir(run_dir, overwrite, resume)
+    run_dir, work_dir = folder.run_dir, folder.work_dir
     objective = recipe.train.objective
-
+    if resume:
+        check_resume_recipe(recipe, run_dir, force)
     with console.status("reading data"):
         splits = load_text_splits(recipe.data)
     with console.status("preparing the tokenizer"):
@@ -59,7 +76,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     transformers.set_seed(recipe.run.seed)
     model = build_model(recipe, tokenizer)
 
-    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, run_dir / rundir.CHECKPOINTS)
+    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS)
     with args.main_process_first(desc="tokenizing"), console.status("tokenizing and packing"):
         train_blocks, _ = pack_blocks(splits.train, tokenizer, recipe.data.block_size, cache_dir())
         eval_blocks, eval_tokens = pack_blocks(splits.validation, tokenizer, recipe.data.block_size, cache_dir())
@@ -69,18 +86,18 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     # Everything that can refuse the input has run: only now is the run directory written.
     with args.main_process_first(desc="run directory"):
         if args.process_index == 0 and not resume:
-            rundir.prepare_run_dir(run_dir, overwrite)
-            tokenizer.save_pretrained(run_dir)
-            (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe), encoding="utf-8")
-            rundir.write_json(run_dir / "provenance.json", rundir.provenance(splits.fingerprint, args.world_size))
+            folder.start(recipe_to_toml(recipe), rundir.provenance(splits.fingerprint, args.world_size))
+            tokenizer.save_pretrained(work_dir)
     if args.process_index == 0:
-        describe_setup(console, model, tokenizer, splits, train_blocks, eval_blocks, args)
+        describe_setup(console, model, tokenizer, splits, train_blocks, eval_blocks, args,
+                       training_precision(recipe.train.precision))
 
     trainer = make_trainer(recipe, model, tokenizer, args, train_blocks, eval_blocks,
                            tokens_per_char=eval_tokens / splits.validation_chars if objective == "causal" else None,
-                           callbacks=[MetricsFile(run_dir / "metrics.jsonl"), *(callbacks or [])])
-    train_resumably(trainer, run_dir, resume, "pretrain")
-    return finish(recipe, trainer, tokenizer, splits, run_dir)
+                           callbacks=[MetricsFile(work_dir / "metrics.jsonl"), *(callbacks or [])])
+    train_resumably(trainer, work_dir, resume, "pretrain")
+    metrics, samples = finish(recipe, trainer, tokenizer, splits, work_dir)
+    return metrics, samples, args.process_index == 0
 
 
 def make_trainer(recipe: Recipe, model, tokenizer, args, train_blocks, eval_blocks, tokens_per_char, callbacks):
@@ -104,19 +121,19 @@ def make_trainer(recipe: Recipe, model, tokenizer, args, train_blocks, eval_bloc
     return trainer
 
 
-def describe_setup(console, model, tokenizer, splits, train_blocks, eval_blocks, args) -> None:
+def describe_setup(console, model, tokenizer, splits, train_blocks, eval_blocks, args, precision) -> None:
     parameters = sum(p.numel() for p in model.parameters())
     console.print(f"model: {model.config.model_type}, {parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer):,}; "
                   f"data: {len(train_blocks):,} training / {len(eval_blocks):,} validation blocks; "
-                  f"{args.world_size} process(es), {'bf16' if args.bf16 else 'fp32'}", highlight=False)
+                  f"{args.world_size} process(es), {precision.name} ({precision.reason})", highlight=False)
 
 
-def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> PretrainResult:
+def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> tuple[dict, list[str]]:
     from llmkit import rundir
-    from llmkit.console import console
     from llmkit.data import count_chars
     from llmkit.generation import continue_prompts
     from llmkit.report import plot_losses, write_model_card
+    from llmkit.training import trained_model
 
     evaluations = [row for row in trainer.state.log_history if "eval_loss" in row]
     if evaluations and evaluations[-1]["step"] == trainer.state.global_step:
@@ -126,7 +143,7 @@ def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> Pretrai
     trainer.save_model(str(run_dir))
     samples: list[str] = []
     if trainer.is_world_process_zero():
-        model = trainer.model
+        model = trained_model(trainer)
         if recipe.train.objective == "causal" and recipe.generate.prompts:
             samples = continue_prompts(model, tokenizer, recipe.generate.prompts, recipe.generate, recipe.run.seed)
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.run.name)
@@ -139,8 +156,4 @@ def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> Pretrai
                               f"{splits.validation_chars:,} validation characters",
                          steps=trainer.state.global_step, metrics=metrics, samples=samples)
         rundir.write_json(run_dir / "final_metrics.json", {"step": trainer.state.global_step, **metrics})
-        rundir.point_latest(run_dir)
-        console.print(f"[bold green]done[/]: model saved in {run_dir}", highlight=False)
-        for text in samples:
-            console.print(f"  {text}", highlight=False)
-    return PretrainResult(run_dir, metrics, samples)
+    return metrics, samples

@@ -17,7 +17,6 @@ the folder takes the output's name. The source model is only read.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmkit.errors import LlmkitError
+from llmkit.rundir import check_replaceable, write_json, write_text
 from llmkit.settings import QuantizeSettings, Recipe
 
 MARKER = "llmkit_quantization"  # config.json key; "dynamic-int8": fp32 weights, int8 linear layers made at load
@@ -48,15 +48,12 @@ class Measurement:
 
 
 def run(recipe: Recipe, overwrite: bool = False) -> dict:
-    import transformers
-
-    from llmkit.console import console
+    from llmkit.console import console, quiet_libraries
     from llmkit.evaluate import HEAD_FOR_KIND, task_rows
     from llmkit.models import resolve_model
-    from llmkit.rundir import run_dir_for, write_json
+    from llmkit.rundir import claimed, locked, run_dir_for, staging_for, swap_in
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_libraries()
     settings = recipe.quantize
     source = resolve_model(settings.model or None, recipe.run.output_dir)
     output = Path(settings.output) if settings.output else run_dir_for(recipe.run.output_dir, recipe.run.name)
@@ -70,25 +67,32 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict:
     prompt = recipe.generate.prompts[0] if recipe.generate.prompts else "今天"
     with console.status(f"measuring {source}"):
         before = measure(source, settings, rows, head, prompt, device)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
-        with console.status(f"compressing ({settings.method})"):
-            details = compress(source, settings, staging, head, recipe)
-        with console.status(f"measuring the saved model ({settings.method})"):
-            after = measure(staging, settings, rows, head, prompt, device)
-        report = build_report(source, output, settings, details, before, after)
-        write_json(staging / REPORT_FILE, report)
-        write_card(staging / "README.md", report)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    # Written beside the output, then swapped in: the output is replaced only by a complete result.
+    with locked(output), claimed(staging_for(output), "quantized") as staging:
+        report = compress_and_measure(source, staging, output, settings, head, recipe, before, rows, prompt, device)
+        if output.exists() and not overwrite:
+            raise LlmkitError(f"{output} appeared while quantizing; it was left alone and the result discarded")
+        swap_in(staging, output)
     console.print(report_table(report))
+    if note := kept_note(report):
+        console.print(note, highlight=False)
     console.print(f"[bold green]done[/]: {settings.method} model saved in {output} (report: {output / REPORT_FILE})",
                   highlight=False)
+    return report
+
+
+def compress_and_measure(source: str, staging: Path, output: Path, settings: QuantizeSettings, head: str,
+                         recipe: Recipe, before: Measurement, rows: list[dict], prompt: str, device: str) -> dict:
+    """Compress into `staging`, reload it from disk, measure, and write the report there."""
+    from llmkit.console import console
+
+    with console.status(f"compressing ({settings.method})"):
+        details = compress(source, settings, staging, head, recipe)
+    with console.status(f"measuring the saved model ({settings.method})"):
+        after = measure(staging, settings, rows, head, prompt, device)
+    report = build_report(source, output, settings, details, before, after)
+    write_json(staging / REPORT_FILE, report)
+    write_card(staging / "README.md", report)
     return report
 
 
@@ -100,6 +104,7 @@ def check_output(source: str, output: Path, overwrite: bool) -> None:
             raise LlmkitError(f"{output}: the output cannot be the source model {source}, inside it, or hold it")
     if output.exists() and not overwrite:
         raise LlmkitError(f"{output} exists; pass --overwrite to replace it, or set quantize.output")
+    check_replaceable(output, "quantize.output")
 
 
 def check_source(source: str, settings: QuantizeSettings) -> None:
@@ -168,15 +173,16 @@ def compress(source: str, settings: QuantizeSettings, destination: Path, head: s
     return details
 
 
-def bnb_config(settings: QuantizeSettings):
+def bnb_config(source: str, settings: QuantizeSettings, auto_class):
     import torch
     from transformers import BitsAndBytesConfig
 
+    from llmkit.bnb import four_bit_config
+
     if settings.method == "bnb-int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=settings.int8_threshold)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings.method.removeprefix("bnb-"),
-                              bnb_4bit_use_double_quant=settings.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, settings.compute_dtype))
+    return four_bit_config(source, auto_class, quant_type=settings.method.removeprefix("bnb-"),
+                           double_quant=settings.double_quant, compute_dtype=getattr(torch, settings.compute_dtype))
 
 
 def quantize_bitsandbytes(source: str, settings: QuantizeSettings, head: str):
@@ -184,21 +190,26 @@ def quantize_bitsandbytes(source: str, settings: QuantizeSettings, head: str):
     import torch
     import transformers
 
+    from llmkit.bnb import WHY_KEPT, four_bit_misfits
     from llmkit.models import HEADS, first_line, pick_device
 
-    config = bnb_config(settings)
+    auto_class = getattr(transformers, HEADS[head])
+    config = bnb_config(source, settings, auto_class)
     try:
-        model = getattr(transformers, HEADS[head]).from_pretrained(
-            source, quantization_config=config, device_map={"": pick_device("auto")},
-            dtype=getattr(torch, settings.dtype))
+        model = auto_class.from_pretrained(source, quantization_config=config, device_map={"": pick_device("auto")},
+                                           dtype=getattr(torch, settings.dtype))
     except (ValueError, NotImplementedError, RuntimeError) as error:
         raise LlmkitError(f"bitsandbytes cannot quantize {source}: {first_line(error)}") from None
     layers = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))]
     if not layers:
         raise LlmkitError(f"bitsandbytes found no linear layers to quantize in {source} "
                           f"({model.config.model_type}); try method = \"dynamic-int8\" or \"prune\"")
-    return model, {"bitsandbytes": {k: v for k, v in config.to_dict().items() if not k.startswith("_")},
-                   "quantized_layers": len(layers), "unquantized_tensors_dtype": settings.dtype}
+    details = {"bitsandbytes": {k: v for k, v in config.to_dict().items() if not k.startswith("_")},
+               "quantized_layers": len(layers), "unquantized_tensors_dtype": settings.dtype}
+    misfits = four_bit_misfits(model) if config.load_in_4bit else []
+    if misfits:
+        details["kept_in_full_precision"] = {"layers": misfits, "why": WHY_KEPT}
+    return model, details
 
 
 def prune_and_recover(model, tokenizer, settings: QuantizeSettings, recipe: Recipe) -> dict:
@@ -373,6 +384,14 @@ def report_rows(report: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def kept_note(report: dict) -> str | None:
+    """Which layers a 4-bit model keeps in full precision, and why (None when it keeps none)."""
+    kept = report["details"].get("kept_in_full_precision")
+    if not kept:
+        return None
+    return f"{len(kept['layers'])} linear layer(s) {kept['why']}: {', '.join(kept['layers'])}"
+
+
 def report_table(report: dict):
     from rich.table import Table
 
@@ -397,7 +416,10 @@ def write_card(path: Path, report: dict) -> None:
              "## Quantization report", "",
              "| measure | before | after | after/before |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in report_rows(report)]
-    lines += ["", f"{report['measured']}. All figures: `{REPORT_FILE}`.", "", "## Use", "",
+    lines += ["", f"{report['measured']}. All figures: `{REPORT_FILE}`."]
+    if note := kept_note(report):
+        lines += ["", note + "."]
+    lines += ["", "## Use", "",
               f"    llmkit generate --model {output} --prompt 今天", ""]
     if dynamic:
         lines.append("The weights are saved in fp32; llmkit makes the linear layers int8 (torch.ao dynamic "
@@ -405,4 +427,4 @@ def write_card(path: Path, report: dict) -> None:
     else:
         lines.append(f'Plain transformers: `{auto_class}.from_pretrained("{output}")` '
                      "(bitsandbytes models need bitsandbytes installed).")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(lines) + "\n")

@@ -7,14 +7,14 @@ Each layer is checked on its own, so an error names the file (or `--set`) that h
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import shutil
+import sys
 import tomllib
 import typing
 from pathlib import Path
 
 from llmkit.errors import LlmkitError
-from llmkit.settings import Recipe
+from llmkit.settings import Recipe, did_you_mean
 
 RECIPE_SUFFIX = ".toml"
 
@@ -39,7 +39,8 @@ def find_recipe(name: str | Path) -> Path:
     shipped = shipped_recipes_dir() / f"{path.stem}{RECIPE_SUFFIX}"
     if path.parent == Path(".") and shipped.is_file():
         return shipped
-    raise LlmkitError(f"recipe not found: {name} (shipped recipes: {', '.join(shipped_recipe_names())})")
+    names = shipped_recipe_names()
+    raise LlmkitError(f"recipe not found: {name}{did_you_mean(path.stem, names)} (shipped recipes: {', '.join(names)})")
 
 
 def read_layers(path: Path, seen: tuple[Path, ...]) -> dict:
@@ -48,7 +49,10 @@ def read_layers(path: Path, seen: tuple[Path, ...]) -> dict:
     if path in seen:
         raise LlmkitError(f"{path}: 'extends' forms a cycle")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise LlmkitError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} "
+                          f"at position {error.start})") from None
     except tomllib.TOMLDecodeError as error:
         raise LlmkitError(f"{path}: not valid TOML: {error}") from None
     except OSError as error:
@@ -103,8 +107,7 @@ def check_layer(cls: type, raw: dict, source: str, prefix: str) -> None:
     for key, value in raw.items():
         name = prefix + key
         if key not in hints:
-            close = difflib.get_close_matches(key, list(hints), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(hints)})"
+            hint = did_you_mean(key, hints, prefix) or f" (valid keys: {', '.join(hints)})"
             raise LlmkitError(f"{source}: unknown key '{name}'{hint}")
         expected = hints[key]
         if dataclasses.is_dataclass(expected):
@@ -131,7 +134,8 @@ def check_value(name: str, value: object, expected: object, source: str) -> None
     if origin is typing.Literal:
         choices = typing.get_args(expected)
         if value not in choices:
-            raise LlmkitError(f"{source}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+            raise LlmkitError(f"{source}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
     elif origin is list:
         (item_type,) = typing.get_args(expected)
         if not isinstance(value, list) or not all(isinstance(item, item_type) for item in value):
@@ -141,8 +145,9 @@ def check_value(name: str, value: object, expected: object, source: str) -> None
 
 
 def fits(value: object, expected: object) -> bool:
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is float:  # an integer too, if it converts (TOML integers have no size limit)
+        return isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
+                                            and abs(value) <= sys.float_info.max)
     if expected is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, expected)  # type: ignore[arg-type]
@@ -168,6 +173,16 @@ def resolve_paths(raw: dict, folder: Path, cls: type = Recipe) -> None:
         elif item_class(expected) and isinstance(value, list):
             for item in value:
                 resolve_paths(item, folder, item_class(expected))
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model or data name that does not exist is a local path (an error to report) rather than a
+    hub id (`owner/name`, or a bare `gpt2`): it starts with '.', '/' or '~', has more than one '/' or an
+    empty, '.' or '..' part, or its first part is a local folder (`runs/x` once runs/ exists)."""
+    parts = name.split("/")
+    if name.startswith((".", "/", "~")) or len(parts) > 2 or {"", ".", ".."} & set(parts):
+        return True
+    return len(parts) == 2 and Path(parts[0]).is_dir()
 
 
 def resolve_path(value: str, folder: Path) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmkit.rundir import read_jsonl
+from llmkit.rundir import read_jsonl, write_text
 
 
 def plot_losses(metrics_path: Path, png_path: Path, title: str) -> None:
@@ -70,4 +70,4 @@ def write_model_card(path: Path, *, name: str, description: str, loader: str, mo
     ]
     if samples:
         lines += ["", "## Samples", ""] + [f"- {text}" for text in samples]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(lines) + "\n")

@@ -1,18 +1,68 @@
 """Typed recipe settings, with every default in one place.
 
 Each table of a recipe file is one dataclass below; a field's comment is its documentation (it is
-shown by `llmkit recipe show --defaults`). Checks that involve more than one value live in `check()`
-and name the keys. No heavy imports here: loading a recipe must stay instant.
+shown by `llmkit recipe show --defaults`). llmkit.recipe checks the types; each `check()` checks the
+values: every number against its range in the table's RANGES, and what involves more than one key.
+Errors name the key. No heavy imports here: loading a recipe must stay instant.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterable, Literal
 
 from llmkit.errors import LlmkitError
 
 PATH = {"path": True}  # field metadata: a relative value resolves against the recipe's folder
+INT_MAX = 2**31 - 1  # integer settings (steps, sizes, counts) stay below this: larger is a typo, and overflows C code
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: [low, high], without the ends marked open. NaN and inf never fit."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"a finite number {'>' if self.open_low else '>='} {self.low}"
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+
+
+COUNT = Range(1, INT_MAX)  # steps, sizes, batch sizes: at least one
+COUNT_OR_ZERO = Range(0, INT_MAX)  # 0 means off, all or automatic (see the field's comment)
+POSITIVE = Range(0, open_low=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, open_low=True, open_high=True)  # a share strictly between none and all
+BELOW_ONE = Range(0, 1, open_high=True)  # dropout, Adam's beta: 1 would stop learning
+UNIT = Range(0, 1)
+
+
+def check_ranges(settings: object, where: str) -> None:
+    """Refuse a number outside its range in the settings' RANGES table, naming the key:
+    `train.learning_rate must be a finite number > 0, got nan`."""
+    for key, allowed in settings.RANGES.items():  # type: ignore[attr-defined]
+        value = getattr(settings, key)
+        if value not in allowed:
+            raise LlmkitError(f"{where}.{key} must be {allowed}, got {value}")
+
+
+def did_you_mean(name: str, choices: Iterable[str], prefix: str = "") -> str:
+    """` (did you mean 'x'?)` for the choice closest to a misspelled name, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 @dataclass
@@ -20,6 +70,15 @@ class RunSettings:
     name: str = "run"  # the run directory is <output_dir>/<name>
     output_dir: str = "runs"  # relative to where the command runs (not to the recipe)
     seed: int = 1234  # seeds weights, data order and sampling
+
+    RANGES = {"seed": Range(0, 2**32 - 1)}  # numpy's seeds are unsigned 32-bit
+
+    def check(self) -> None:
+        check_ranges(self, "run")
+        # One plain folder name: "..", "/x" or "" would put the run, and what --overwrite replaces, elsewhere.
+        if self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name or self.name.startswith("."):
+            raise LlmkitError(f"run.name must be one plain folder name (no '/', not empty, not starting with '.'), "
+                              f"got {self.name!r}")
 
 
 @dataclass
@@ -36,15 +95,15 @@ class ModelSettings:
     tie_embeddings: bool = True  # share input and output embeddings (saves parameters in small models)
     rope_theta: float = 10000.0  # llama rotary base
 
+    RANGES = {"n_layer": COUNT, "n_head": COUNT, "n_kv_head": COUNT_OR_ZERO, "d_model": COUNT, "d_ff": COUNT_OR_ZERO,
+              "max_positions": COUNT, "dropout": BELOW_ONE, "rope_theta": POSITIVE}
+
     def check(self) -> None:
-        if self.n_layer < 1 or self.n_head < 1 or self.d_model < 1:
-            raise LlmkitError("model.n_layer, model.n_head and model.d_model must be at least 1")
+        check_ranges(self, "model")
         if self.d_model % self.n_head:
             raise LlmkitError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         if self.n_kv_head and self.n_head % self.n_kv_head:
             raise LlmkitError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
-        if not 0 <= self.dropout < 1:
-            raise LlmkitError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -54,11 +113,10 @@ class TokenizerSettings:
     vocab_size: int = 6000  # upper bound; char-level keeps only characters seen min_frequency times
     min_frequency: int = 1  # rarer characters/merges are left out (they become <unk> / bytes)
 
+    RANGES = {"vocab_size": Range(8, INT_MAX), "min_frequency": COUNT}  # 8: room for the special tokens
+
     def check(self) -> None:
-        if self.vocab_size < 8:
-            raise LlmkitError(f"tokenizer.vocab_size must be at least 8, got {self.vocab_size}")
-        if self.min_frequency < 1:
-            raise LlmkitError(f"tokenizer.min_frequency must be at least 1, got {self.min_frequency}")
+        check_ranges(self, "tokenizer")
 
 
 @dataclass
@@ -73,13 +131,11 @@ class DataSettings:
     block_size: int = 256  # tokens per training sequence (texts are packed into blocks)
     max_documents: int = 0  # use only the first N documents (quick experiments); 0 = all
 
+    # block_size 2: a causal LM needs one token to predict the next
+    RANGES = {"validation_fraction": FRACTION, "block_size": Range(2, INT_MAX), "max_documents": COUNT_OR_ZERO}
+
     def check(self) -> None:
-        if not 0 < self.validation_fraction < 1:
-            raise LlmkitError(f"data.validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        if self.block_size < 2:
-            raise LlmkitError(f"data.block_size must be at least 2, got {self.block_size}")
-        if self.max_documents < 0:
-            raise LlmkitError(f"data.max_documents must be 0 (all) or positive, got {self.max_documents}")
+        check_ranges(self, "data")
 
 
 @dataclass
@@ -96,7 +152,7 @@ class TrainSettings:
     weight_decay: float = 0.1
     adam_beta2: float = 0.95  # 0.95 is steadier than 0.999 for language models
     max_grad_norm: float = 1.0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the CPU or GPU has it natively (llmkit.precision)
     eval_every: int = 200  # steps between evaluations (validation loss, perplexity, loss per char); 0 = every epoch
     save_every: int = 200  # steps between checkpoints (finetune: saves at every evaluation)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
@@ -106,22 +162,18 @@ class TrainSettings:
     torch_compile: bool = False
     dataloader_workers: int = 0
 
+    RANGES = {
+        "mlm_probability": FRACTION, "max_steps": COUNT, "epochs": Range(0, INT_MAX), "batch_size": COUNT,
+        "gradient_accumulation": COUNT, "learning_rate": POSITIVE, "min_lr_ratio": UNIT,
+        "warmup_steps": Range(0, INT_MAX),  # from 1 on it counts steps
+        "weight_decay": NON_NEGATIVE, "adam_beta2": BELOW_ONE,
+        "max_grad_norm": NON_NEGATIVE,  # 0 = no clipping (transformers)
+        "eval_every": COUNT_OR_ZERO, "save_every": COUNT, "keep_checkpoints": COUNT, "log_every": COUNT,
+        "eval_batch_size": COUNT, "dataloader_workers": Range(0, 1024),  # each one is a process
+    }
+
     def check(self) -> None:
-        positive = ("max_steps", "batch_size", "gradient_accumulation", "save_every",
-                    "keep_checkpoints", "log_every", "eval_batch_size")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise LlmkitError(f"train.{key} must be at least 1, got {getattr(self, key)}")
-        if self.epochs < 0 or self.eval_every < 0:
-            raise LlmkitError("train.epochs and train.eval_every must be >= 0 (0 = by max_steps / every epoch)")
-        if self.learning_rate <= 0:
-            raise LlmkitError(f"train.learning_rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise LlmkitError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
-            raise LlmkitError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0 < self.mlm_probability < 1:
-            raise LlmkitError(f"train.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        check_ranges(self, "train")
 
 
 @dataclass
@@ -138,25 +190,17 @@ class GenerateSettings:
     num_return_sequences: int = 1  # continuations per prompt
     stop: list[str] = field(default_factory=list)  # stop strings: output is cut at the first one
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # auto: cuda, then mps, then cpu
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16/fp16 on GPUs
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPUs, bf16/fp16 on GPUs (llmkit.precision)
     batch_size: int = 8  # prompts per batch with --input
     prompt_field: str = "prompt"  # field holding the prompt in a .jsonl --input
     output_field: str = "generated"  # field added to each row of the --output
 
+    RANGES = {"max_new_tokens": COUNT, "temperature": NON_NEGATIVE, "top_k": COUNT_OR_ZERO,
+              "top_p": Range(0, 1, open_low=True), "repetition_penalty": POSITIVE, "num_beams": COUNT,
+              "num_return_sequences": COUNT, "batch_size": COUNT}
+
     def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise LlmkitError(f"generate.max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise LlmkitError(f"generate.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise LlmkitError(f"generate.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise LlmkitError(f"generate.top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise LlmkitError(f"generate.repetition_penalty must be positive, got {self.repetition_penalty}")
-        for key in ("num_beams", "num_return_sequences", "batch_size"):
-            if getattr(self, key) < 1:
-                raise LlmkitError(f"generate.{key} must be at least 1, got {getattr(self, key)}")
+        check_ranges(self, "generate")
         if self.num_return_sequences > self.num_beams and self.num_beams > 1:
             raise LlmkitError(f"generate.num_return_sequences ({self.num_return_sequences}) cannot exceed "
                               f"generate.num_beams ({self.num_beams})")
@@ -204,14 +248,11 @@ class EvalTask(Columns):
     stride: int = 0  # perplexity: tokens each window advances; 0 = half the window
     max_new_tokens: int = 64  # generation: greedy decoding up to this many tokens
 
+    RANGES = {"validation_fraction": FRACTION, "context_length": COUNT_OR_ZERO, "stride": COUNT_OR_ZERO,
+              "max_new_tokens": COUNT}
+
     def check(self, where: str) -> None:
-        if not 0 < self.validation_fraction < 1:
-            raise LlmkitError(f"{where}.validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        for key in ("context_length", "stride"):
-            if getattr(self, key) < 0:
-                raise LlmkitError(f"{where}.{key} must be >= 0 (0 = automatic), got {getattr(self, key)}")
-        if self.max_new_tokens < 1:
-            raise LlmkitError(f"{where}.max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        check_ranges(self, where)
 
 
 @dataclass
@@ -223,13 +264,14 @@ class EvalSettings:
     output: str = "eval.json"  # results as JSON (the table is printed)
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
 
+    RANGES = {"limit": COUNT_OR_ZERO, "batch_size": COUNT}
+
     def check(self) -> None:
+        check_ranges(self, "eval")
         if not self.tasks:
             raise LlmkitError("eval.tasks is empty: add at least one [[eval.tasks]] table")
         for index, task in enumerate(self.tasks):
             task.check(f"eval.tasks[{index}]")
-        if self.limit < 0 or self.batch_size < 1:
-            raise LlmkitError("eval.limit must be >= 0 and eval.batch_size at least 1")
 
 
 QUANTIZE_METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "prune")
@@ -255,20 +297,26 @@ class QuantizeSettings:
     speed_tokens: int = 64  # generation speed: greedy tokens per run, batch 1, from generate.prompts[0]
     speed_runs: int = 3  # generation speed: the median of this many runs (after one warm-up)
 
+    RANGES = {"int8_threshold": NON_NEGATIVE, "sparsity": FRACTION, "recovery_steps": COUNT_OR_ZERO,
+              "limit": COUNT_OR_ZERO, "batch_size": COUNT, "speed_tokens": COUNT, "speed_runs": COUNT}
+
     def check(self) -> None:
-        if not 0 < self.sparsity < 1:
-            raise LlmkitError(f"quantize.sparsity must be in (0, 1), got {self.sparsity}")
+        check_ranges(self, "quantize")
         self.task.check("quantize.task")
-        for key in ("batch_size", "speed_tokens", "speed_runs"):
-            if getattr(self, key) < 1:
-                raise LlmkitError(f"quantize.{key} must be at least 1, got {getattr(self, key)}")
-        if self.limit < 0 or self.recovery_steps < 0 or self.int8_threshold < 0:
-            raise LlmkitError("quantize.limit, quantize.recovery_steps and quantize.int8_threshold must be >= 0")
         if self.recovery_steps and self.method != "prune":
             raise LlmkitError(f'quantize.recovery_steps needs method = "prune" (got "{self.method}")')
 
 
 FINETUNE_TASKS = ("classification", "token-classification", "extractive-qa", "causal-lm")
+# The validation metrics each task reports (the Trainer's loss, and what llmkit.evaluate's scorer for the
+# task returns: llmkit.metrics); finetune.metric picks the checkpoint kept by one of them. The first one
+# is the task's usual (llmkit.finetune.DEFAULT_METRIC).
+FINETUNE_METRICS = {
+    "classification": ("accuracy", "f1", "precision", "recall", "loss"),
+    "token-classification": ("f1", "precision", "recall", "loss"),
+    "extractive-qa": ("f1", "exact_match", "loss"),
+    "causal-lm": ("loss",),
+}
 FINETUNE_METHODS = ("full", "lora", "dora", "qlora", "prompt-tuning", "prefix-tuning")
 ADAPTER_METHODS = ("lora", "dora", "qlora")  # the methods whose adapter can be merged into the base
 
@@ -289,7 +337,7 @@ class FinetuneSettings(Columns):
     messages_column: str = "messages"  # causal-lm: chat rows [{role, content}, ...] instead of prompt/response
     labels: list[str] = field(default_factory=list)  # classification/tagging label order; [] = sorted labels seen in training
     max_length: int = 256  # tokens per example; longer ones are truncated (and counted)
-    metric: str = ""  # best checkpoint by this validation metric ("accuracy", "f1", "loss"); "" = the task's usual
+    metric: str = ""  # best checkpoint by this validation metric (FINETUNE_METRICS of the task); "" = the task's usual
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
     class_weights: Literal["none", "balanced"] = "none"  # classification: weigh classes by inverse frequency
     lora_r: int = 8  # lora/dora/qlora: rank of the update matrices
@@ -300,21 +348,25 @@ class FinetuneSettings(Columns):
     merge: bool = False  # lora/dora/qlora: also save the base with the adapter merged in, as <run>/merged
     chat_template: str = ""  # causal-lm: Jinja chat template for a tokenizer without one; "" = llmkit's plain one
 
+    RANGES = {"validation_fraction": FRACTION, "max_length": COUNT, "early_stopping_patience": COUNT_OR_ZERO,
+              "lora_r": COUNT, "lora_alpha": COUNT, "lora_dropout": BELOW_ONE, "num_virtual_tokens": COUNT}
+
     def check(self) -> None:
-        if not 0 < self.validation_fraction < 1:
-            raise LlmkitError(f"finetune.validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        for key in ("max_length", "lora_r", "lora_alpha", "num_virtual_tokens"):
-            if getattr(self, key) < 1:
-                raise LlmkitError(f"finetune.{key} must be at least 1, got {getattr(self, key)}")
-        if not 0 <= self.lora_dropout < 1:
-            raise LlmkitError(f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.early_stopping_patience < 0:
-            raise LlmkitError(f"finetune.early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+        check_ranges(self, "finetune")
+        self.check_metric()
         if self.merge and self.method not in ADAPTER_METHODS:
             raise LlmkitError(f'finetune.merge needs an adapter method ({", ".join(ADAPTER_METHODS)}), '
                               f'not "{self.method}"')
         if len(set(self.labels)) != len(self.labels):
             raise LlmkitError("finetune.labels lists a label twice")
+
+    def check_metric(self) -> None:
+        """A metric the task reports (transformers' "eval_" prefix allowed): a misspelled one would
+        otherwise pass here and fail at the first evaluation, after the run folder is made."""
+        metrics, name = FINETUNE_METRICS[self.task], self.metric.removeprefix("eval_")
+        if self.metric and name not in metrics:
+            raise LlmkitError(f"finetune.metric {self.metric!r} is not a metric of task {self.task!r}"
+                              f"{did_you_mean(name, metrics)} (expected one of: {', '.join(metrics)})")
 
 
 @dataclass
@@ -326,10 +378,10 @@ class DistillSettings:
     temperature: float = 2.0  # > 1 softens both distributions, exposing the teacher's "dark knowledge"
     alpha: float = 0.5  # weight of the distillation term
 
+    RANGES = {"temperature": POSITIVE, "alpha": UNIT}
+
     def check(self) -> None:
-        if self.temperature <= 0 or not 0 <= self.alpha <= 1:
-            raise LlmkitError(f"distill.temperature must be positive and distill.alpha in [0, 1] "
-                              f"(got {self.temperature}, {self.alpha})")
+        check_ranges(self, "distill")
 
 
 @dataclass

@@ -6,6 +6,8 @@ loads it from the model directory like any other.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from collections import Counter
 
 from llmkit.errors import LlmkitError
@@ -23,8 +25,13 @@ BYTE_ALPHABET = 256
 
 
 def load_tokenizer(path: str):
+    """A saved tokenizer: a folder, or a hub id (a local-looking name that is not there is an error)."""
     from transformers import AutoTokenizer
 
+    from llmkit.recipe import looks_local
+
+    if not Path(path).expanduser().exists() and looks_local(str(path)):
+        raise LlmkitError(f"tokenizer not found: {path} (no such folder)")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:

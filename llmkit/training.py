@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 
 from llmkit.console import console
+from llmkit.errors import LlmkitError
 from llmkit.generation import continue_prompts
 from llmkit.rundir import append_jsonl
 from llmkit.settings import GenerateSettings
@@ -38,6 +39,12 @@ class LlmkitTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def trained_model(trainer):
+    """The trained model as saved and as `llmkit eval` scores it: without the mixed-precision (autocast)
+    wrapper that Trainer puts on its forward when training in bf16/fp16."""
+    return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+
+
 def collate_blocks(rows: list[dict]) -> dict:
     """Stack equal-length packed blocks (rows in torch format: no Python lists on the hot path);
     causal LM labels are the inputs (the model shifts them)."""
@@ -48,21 +55,70 @@ def collate_blocks(rows: list[dict]) -> dict:
 
 
 def train_resumably(trainer, run_dir: Path, resume: bool, command: str) -> None:
-    """Train, from the run's newest checkpoint when resuming; a Ctrl-C saves a checkpoint and raises
-    Interrupted, which says how to continue."""
+    """Train, from the run's newest complete checkpoint when resuming; every checkpoint is sealed once
+    written; Ctrl-C or SIGTERM saves a checkpoint and raises Interrupted, which says how to continue."""
     from llmkit import rundir
     from llmkit.errors import Interrupted
 
     stopper = StopOnInterrupt()
     trainer.add_callback(stopper)
+    trainer.add_callback(SealCheckpoints())
     checkpoint = rundir.last_checkpoint(run_dir) if resume else None
     if checkpoint is not None and trainer.args.process_index == 0:
+        for skipped in rundir.skipped_checkpoints(run_dir):
+            console.print(f"skipping {skipped}: incomplete (cut short or damaged)")
         rundir.truncate_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[-1]))
         console.print(f"resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stopper.interrupted:
         raise Interrupted(f"checkpoint saved in {rundir.last_checkpoint(run_dir)}; continue with "
                           f"`llmkit {command} RECIPE --resume`")
+
+
+# Keys that may change when a run is continued: how long it runs and how often it reports and saves.
+SAFE_ON_RESUME = ("train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.log_every",
+                  "train.keep_checkpoints", "train.eval_batch_size", "train.dataloader_workers", "run.output_dir",
+                  "generate.", "eval.", "quantize.")
+
+
+def check_resume_recipe(recipe, run_dir: Path, force: bool) -> None:
+    """Continuing a run with another recipe: the keys in SAFE_ON_RESUME may differ (reported); any other
+    difference is refused unless forced, naming the keys."""
+    from llmkit.recipe import load_recipe, recipe_to_dict
+
+    saved_file = run_dir / "recipe.toml"
+    if not saved_file.is_file():
+        return
+    saved, current = flat(recipe_to_dict(load_recipe(saved_file))), flat(recipe_to_dict(recipe))
+    changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+    refused = [key for key in changed if not key.startswith(SAFE_ON_RESUME)]
+    if refused and not force:
+        raise LlmkitError(f"--resume: the recipe differs from the run's ({saved_file}) in "
+                          f"{', '.join(f'{k} ({saved.get(k)!r} -> {current.get(k)!r})' for k in refused)}; "
+                          f"continue with --force to accept, or train a new run")
+    if changed:
+        console.print(f"resuming with changed {', '.join(changed)}", highlight=False)
+
+
+def flat(tables: dict, prefix: str = "") -> dict:
+    """{"train": {"max_steps": 5}} -> {"train.max_steps": 5}"""
+    rows = {}
+    for key, value in tables.items():
+        if isinstance(value, dict):
+            rows |= flat(value, f"{prefix}{key}.")
+        else:
+            rows[f"{prefix}{key}"] = value
+    return rows
+
+
+class SealCheckpoints(TrainerCallback):
+    """Seal each checkpoint once Trainer has written all of it: only sealed, intact checkpoints resume."""
+
+    def on_save(self, args, state, control, **kwargs):
+        from llmkit.rundir import seal_checkpoint
+
+        if state.is_world_process_zero:
+            seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 class MetricsFile(TrainerCallback):
@@ -77,19 +133,23 @@ class MetricsFile(TrainerCallback):
 
 
 class StopOnInterrupt(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. A second one aborts."""
+    """First Ctrl-C or SIGTERM (what schedulers and `docker stop` send): finish the current step, save a
+    checkpoint, stop. A second one aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.interrupted = False
-        self.previous_handler = None
+        self.previous_handlers = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.previous_handler = signal.signal(signal.SIGINT, self.handle)
+        self.previous_handlers = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
 
     def handle(self, signum, frame):
         self.interrupted = True
-        signal.signal(signal.SIGINT, self.previous_handler or signal.default_int_handler)
-        console.print("\n[yellow]Interrupted: saving a checkpoint after this step (Ctrl-C again to abort)[/]")
+        self.restore()
+        console.print(f"\n[yellow]{signal.Signals(signum).name}: saving a checkpoint after this step "
+                      f"(again to abort)[/]")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.interrupted:
@@ -97,8 +157,12 @@ class StopOnInterrupt(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGINT, self.previous_handler)
+        self.restore()
+
+    def restore(self) -> None:
+        for number, handler in self.previous_handlers.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        self.previous_handlers = {}
 
 
 class ShowSamples(TrainerCallback):

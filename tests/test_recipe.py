@@ -117,3 +117,46 @@ def test_copy_refuses_to_overwrite(tmp_path):
     assert target.read_text(encoding="utf-8") == (shipped_recipes_dir() / "pretrain-zh-tiny.toml").read_text(encoding="utf-8")
     with pytest.raises(LlmkitError, match="exists; pass --overwrite"):
         copy_recipe("pretrain-zh-tiny", tmp_path)
+
+
+def test_choice_outside_literal_suggests_the_closest(recipe_file):
+    with pytest.raises(LlmkitError, match=r"finetune.task must be one of .*, got 'clasification' "
+                                          r"\(did you mean 'classification'\?\)$"):
+        load_recipe(recipe_file('[finetune]\ntask = "clasification"\n'))
+    with pytest.raises(LlmkitError, match=r"finetune.method must be one of .*, got 'lroa' \(did you mean 'lora'\?\)$"):
+        load_recipe(None, ["finetune.method=lroa"])
+
+
+def test_missing_shipped_recipe_suggests_the_closest():
+    with pytest.raises(LlmkitError, match=r"recipe not found: pretrain-zh-tin \(did you mean 'pretrain-zh-tiny'\?\)"):
+        load_recipe("pretrain-zh-tin")
+
+
+def test_recipe_that_is_not_utf8_names_the_file_and_the_byte(tmp_path):
+    path = tmp_path / "latin.toml"
+    path.write_bytes('[run]\nname = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(LlmkitError, match=r"latin\.toml: not UTF-8 text \(byte 0xe9 at position 17\)$"):
+        load_recipe(path)
+
+
+def test_an_integer_too_large_for_a_float_is_a_type_error():
+    huge = "1" + "0" * 400
+    with pytest.raises(LlmkitError, match=r"train.learning_rate must be a number, got 10{400}$"):
+        load_recipe(None, [f"train.learning_rate={huge}"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.learning_rate=nan", "train.learning_rate"),
+    ("train.adam_beta2=7", "train.adam_beta2"),
+    ("finetune.metric=acuracy", "finetune.metric"),
+])
+def test_cli_recipe_check_refuses_bad_values_in_one_line(tmp_path, override, key):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "llmkit", "recipe", "check", "classify", "--set", override],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key} ") and "Traceback" not in result.stderr
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []  # nothing written
