@@ -134,7 +134,8 @@ class Watch(TrainerCallback):
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            losses = [model(**batch).loss.item() * len(batch["input_ids"]) for batch in self.batches]
+            losses = [model(**{k: v.to(model.device) for k, v in batch.items()}).loss.item() * len(batch["input_ids"])
+                      for batch in self.batches]
         model.train(was_training)
         return {"loss": sum(losses) / sum(len(batch["input_ids"]) for batch in self.batches),
                 "parameters": {name: p.detach().clone() for name, p in model.named_parameters()},
@@ -187,10 +188,11 @@ def probe(model, tokenizer, task: str) -> dict:
 
 
 def reload_and_probe(run_dir: str, task: str) -> dict:
-    """Load a run as every command does (llmkit.models.load_model) and probe it."""
+    """Load a run as every command does (llmkit.models.load_model) and probe it; in fp32, the precision it
+    was trained in (`auto` would load it in bf16 on a GPU)."""
     from llmkit.models import load_model
 
-    model, tokenizer = load_model(run_dir, head=TASK_HEADS[task])
+    model, tokenizer = load_model(run_dir, head=TASK_HEADS[task], dtype="float32")
     return probe(model, tokenizer, task)
 
 

@@ -35,7 +35,7 @@ class InitialWeights(TrainerCallback):
     """Keeps a copy of the model's weights as training begins (after initialisation)."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def assert_trained(run_dir: Path, initial: dict) -> None:
@@ -208,10 +208,14 @@ def test_empty_data_is_refused(tiny, tmp_path):
 
 def test_two_process_torchrun_trains_what_one_process_does_on_the_same_global_batch(tiny, tmp_path):
     tiny = [*tiny, "train.precision=fp32"]  # bf16 rounding would blur the comparison below
-    overrides = [arg for o in tiny for arg in ("--set", o)]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29533", "-m", "llmkit", "pretrain", "pretrain-zh-tiny", *overrides],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # both runs on the CPU (gloo)
+
+    def pretrain(launcher: list[str], *more: str):
+        overrides = [arg for o in [*tiny, *more] for arg in ("--set", o)]
+        return subprocess.run([sys.executable, *launcher, "-m", "llmkit", "pretrain", "pretrain-zh-tiny", *overrides],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    result = pretrain(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 process(es)" in result.stdout
     run_dir = tmp_path / "runs" / "tiny"
@@ -219,8 +223,10 @@ def test_two_process_torchrun_trains_what_one_process_does_on_the_same_global_ba
     # 2 ranks x 8 blocks with gradients averaged = one process on 16 blocks (measured: within 1e-7). Ranks
     # that did not share gradients would each step on their own 8 blocks, and rank 0's model is the one
     # saved: one process on 8 blocks ends 9e-3 away.
-    single = run_tiny([*tiny, "run.name=single", "train.batch_size=16"])
-    ddp, reference = load_file(run_dir / "model.safetensors"), load_file(single.run_dir / "model.safetensors")
+    single = pretrain([], "run.name=single", "train.batch_size=16")
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = load_file(run_dir / "model.safetensors")
+    reference = load_file(tmp_path / "runs" / "single" / "model.safetensors")
     assert ddp.keys() == reference.keys()
     assert all(torch.allclose(ddp[k], reference[k], rtol=0, atol=1e-5) for k in ddp)
 
