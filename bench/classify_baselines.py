@@ -80,14 +80,14 @@ def fit_baseline(classifier, values: list, texts: list[str], labels: list[str]):
 
 
 def score_model(path: str, rows: list[dict], batch_size: int) -> dict:
-    from llmkit.evaluate import SCORERS
-    from llmkit.models import load_model
+    from llmkit.loading import load_model
+    from llmkit.task_data import score
     from llmkit.settings import EvalTask
 
     model, tokenizer = load_model(path, head="sequence-classification")
     task = EvalTask(kind="classification", source=f"{SOURCE}:test")
     start = time.perf_counter()
-    metrics = SCORERS["classification"](model, tokenizer, task, rows, batch_size)
+    metrics = score(model, tokenizer, task, rows, batch_size)
     runtimes = [row["train_runtime"] for row in read_jsonl(Path(path) / "metrics.jsonl") if "train_runtime" in row]
     return {"method": Path(path).name or path, "model": path, "accuracy": metrics["accuracy"], "macro_f1": metrics["f1"],
             **confidence_intervals(metrics["confusion_matrix"]), "train_seconds": runtimes[-1] if runtimes else None, "eval_seconds": round(time.perf_counter() - start, 2)}

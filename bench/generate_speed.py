@@ -1,6 +1,6 @@
 """Generation speed of `llmkit generate` against a bare `model.generate` call, in one run.
 
-1. In-process: tokens/s and time to first token of llmkit.generate.generate_text and of a bare
+1. In-process: tokens/s and time to first token of llmkit.generation.generate_text and of a bare
    model.generate with the same model, prompt and greedy settings, alternating rounds (noise hits both).
 2. Whole process: wall time of `llmkit generate --max-new-tokens 1` against a bare script that only
    imports transformers, loads the model and generates one token (what start-up must cost anyway).
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from llmkit.generate import generate_text
-from llmkit.models import load_model
+from llmkit.generation import generate_text
+from llmkit.loading import load_model
 from llmkit.settings import GenerateSettings
 
 PROMPT = "昨天天气很"
@@ -35,7 +35,7 @@ PROMPT = "昨天天气很"
 def quickstart_shaped_model(folder: Path) -> Path:
     """A random model with the quickstart recipe's architecture and a char tokenizer (for speed only)."""
     from llmkit import load_recipe
-    from llmkit.builders import build_model
+    from llmkit.loading import build_model
     from llmkit.corpora import peoples_daily
     from llmkit.tokenizer import train_tokenizer
 

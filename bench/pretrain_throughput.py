@@ -24,10 +24,9 @@ import transformers
 from transformers import TrainerCallback
 
 from llmkit import load_recipe, pretrain
-from llmkit.builders import build_model, training_precision
 from llmkit.data import load_text_splits, pack_blocks
-from llmkit.models import pick_device
-from llmkit.precision import cpu_bf16_features
+from llmkit.devices import cpu_bf16_features, pick_device, training_precision
+from llmkit.loading import build_model
 from llmkit.tokenizer import load_tokenizer
 
 WARMUP_STEPS = 10  # both sides are timed from the end of this step to the end of the last (steady state)

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from llmkit.builders import model_config
 from llmkit.corpora import peoples_daily
-from llmkit.models import load_model
-from llmkit.quantize import compress, generation_speed, weights_size
+from llmkit.generation import generation_speed
+from llmkit.loading import load_model, model_config
+from llmkit.quantize import compress, weights_size
 from llmkit.settings import ModelSettings, QuantizeSettings, TokenizerSettings
 from llmkit.tokenizer import train_tokenizer
 

@@ -5,26 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmkit.errors import LlmkitError
+from llmkit.compression import four_bit_config
+from llmkit.devices import gpu_precision
+from llmkit.errors import LlmkitError, first_line
 from llmkit.settings import ADAPTER_METHODS, FinetuneSettings
-
-PEFT_TASK_TYPES = {
-    "classification": "SEQ_CLS",
-    "token-classification": "TOKEN_CLS",
-    "extractive-qa": "QUESTION_ANS",
-    "causal-lm": "CAUSAL_LM",
-}
+from llmkit.tasks import TASKS
 HEAD_MODULES = ["score", "classifier", "qa_outputs"]  # new task heads: trained in full beside the adapter
 
 
 def quantization_config(source: str, auto_class):
-    """QLoRA's base: NF4 weights with double quantization; matmuls in the GPU's precision (llmkit.precision),
+    """QLoRA's base: NF4 weights with double quantization; matmuls in the GPU's precision (llmkit.devices),
     fp32 on CPUs (the same adapter on every CPU). The task heads and the layers bitsandbytes' 4-bit kernels
-    cannot take stay in full precision (llmkit.bnb)."""
+    cannot take stay in full precision (llmkit.compression)."""
     import torch
-
-    from llmkit.bnb import four_bit_config
-    from llmkit.precision import gpu_precision
 
     compute = gpu_precision().dtype if torch.cuda.is_available() else torch.float32
     return four_bit_config(source, auto_class, compute_dtype=compute, skip=(*HEAD_MODULES, "lm_head"))
@@ -33,7 +26,7 @@ def quantization_config(source: str, auto_class):
 def peft_config(settings: FinetuneSettings, model):
     import peft
 
-    task_type = PEFT_TASK_TYPES[settings.task]
+    task_type = TASKS[settings.task].peft_task_type
     if settings.method in ADAPTER_METHODS:
         heads = [name for name in HEAD_MODULES if hasattr(model, name)]
         return peft.LoraConfig(task_type=task_type, r=settings.lora_r, lora_alpha=settings.lora_alpha,
@@ -59,7 +52,7 @@ def apply_method(settings: FinetuneSettings, model):
         return peft.get_peft_model(model, peft_config(settings, model))
     except (ValueError, TypeError, AttributeError, NotImplementedError) as error:
         raise LlmkitError(f'finetune.method = "{settings.method}" does not fit this {model.config.model_type} '
-                          f'model: {str(error).strip().splitlines()[0]}') from None
+                          f'model: {first_line(error)}') from None
 
 
 def merge_adapter(adapter_dir: Path, output_dir: Path, load_base) -> None:

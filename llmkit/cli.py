@@ -36,6 +36,11 @@ SetOpt = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                       help="Override a recipe key, e.g. --set train.learning_rate=3e-4 (repeatable).")
 
 
+def table_options(table: str, options: dict) -> dict:
+    """A command's options as recipe keys of `table` (None = not given), for load_recipe."""
+    return {f"{table}.{key}": value for key, value in options.items()}
+
+
 @app.callback()
 def main_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
     debug_mode["on"] = debug
@@ -118,16 +123,14 @@ def generate(
     with reporting_errors():
         from llmkit.recipe import load_recipe
 
-        settings = load_recipe(recipe, sets)
+        options = {"model": model, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+                   "top_p": top_p, "repetition_penalty": repetition_penalty,
+                   "num_return_sequences": num_return_sequences, "greedy": greedy or None, "num_beams": num_beams,
+                   "stop": stop or None, "device": device, "dtype": dtype, "batch_size": batch_size}
+        settings = load_recipe(recipe, sets, options=table_options("generate", options))
         from llmkit import generate as task
 
-        options = task.apply_options(
-            settings.generate, model=model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
-            greedy=greedy or None, num_beams=num_beams, stop=stop or None, device=device, dtype=dtype,
-            batch_size=batch_size)
-        task.run(options, output_dir=settings.run.output_dir, seed=settings.run.seed if seed is None else seed,
-                 prompt=prompt, input_path=input_path, output_path=output_path, chat=chat,
+        task.run(settings, seed=seed, prompt=prompt, input_path=input_path, output_path=output_path, chat=chat,
                  attention=task.AttentionPlot(attention_plot, attention_layer, attention_head) if attention_plot else None)
 
 
@@ -162,7 +165,7 @@ def finetune(recipe: str = RecipeArg, sets: List[str] = SetOpt, overwrite: bool 
     with reporting_errors():
         from llmkit.recipe import load_recipe
 
-        settings = load_recipe(recipe, [*sets, *(["finetune.merge=true"] if merge else [])])
+        settings = load_recipe(recipe, sets, options=table_options("finetune", {"merge": merge or None}))
         from llmkit import finetune as task
 
         task.run(settings, overwrite=overwrite, resume=resume, force=force)
@@ -183,13 +186,12 @@ def quantize(recipe: Optional[str] = typer.Argument(None, help="Recipe with a qu
                                                                      "made, once the new one is complete.")):
     """Compress a model (bitsandbytes int8/NF4/FP4, dynamic int8, pruning) and report what it cost."""
     with reporting_errors():
-        from llmkit.recipe import load_recipe, toml_value
+        from llmkit.recipe import load_recipe
         from llmkit.quantize import METHOD_ALIASES
 
         options = {"model": model, "method": METHOD_ALIASES.get(method, method), "output": output,
                    "sparsity": sparsity}
-        settings = load_recipe(recipe, [*sets, *(f"quantize.{key}={toml_value(value)}"
-                                                 for key, value in options.items() if value is not None)])
+        settings = load_recipe(recipe, sets, options=table_options("quantize", options))
         from llmkit import quantize as task
 
         task.run(settings, overwrite=overwrite)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from llmkit.errors import LlmkitError
+from llmkit.splits import split_documents
 
 POS_TAG = re.compile(r"/([A-Za-z]+)\s*")  # "/tag" after each word of the tagged corpus, and the spaces after it
 SPLITS = ("train", "test")
@@ -107,8 +108,6 @@ def sentences(paragraph: Tagged) -> list[Tagged]:
 @lru_cache(maxsize=1)
 def ner_sentences() -> dict[str, tuple[Tagged, ...]]:
     """Sentences of the paragraphs that pretraining on peoples-daily trains on ("train") and holds out ("test")."""
-    from llmkit.data import split_documents  # llmkit.data imports this module
-
     paragraphs = tagged_paragraphs()
     train, _ = split_documents([paragraph.text for paragraph in paragraphs], HELD_OUT_FRACTION)
     parts = {"train": paragraphs[:len(train)], "test": paragraphs[len(train):]}

@@ -10,16 +10,18 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from llmkit.corpora import BUILTIN_CORPORA, BUILTIN_DATASETS, SPLITS
-from llmkit.errors import LlmkitError
+from llmkit.errors import LlmkitError, did_you_mean, first_line
 from llmkit.recipe import looks_local
-from llmkit.settings import DataSettings, did_you_mean
+from llmkit.rundir import jsonl_values, read_text
+from llmkit.settings import DataSettings
+from llmkit.splits import count_chars, split_documents
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
@@ -37,11 +39,6 @@ class TextSplits:
         return count_chars(self.validation)
 
 
-def count_chars(documents: list[str]) -> int:
-    """Characters of the text, counting one separator (line break) per document."""
-    return sum(len(doc) + 1 for doc in documents)
-
-
 def load_text_splits(settings: DataSettings) -> TextSplits:
     documents = load_documents(settings.source, settings)
     if settings.max_documents:
@@ -54,17 +51,6 @@ def load_text_splits(settings: DataSettings) -> TextSplits:
         raise LlmkitError(f"data.source {settings.source}: too little text to hold out a validation split "
                           f"({len(documents)} documents)")
     return TextSplits(train, validation, fingerprint(train + validation))
-
-
-def split_documents(documents: list[str], validation_fraction: float) -> tuple[list[str], list[str]]:
-    """Train = the first (1 - fraction) of the characters; validation = the rest, whole documents."""
-    target = count_chars(documents) * (1 - validation_fraction)
-    seen = 0
-    for index, doc in enumerate(documents):
-        seen += len(doc) + 1
-        if seen >= target:
-            return documents[: index + 1], documents[index + 1:]
-    return documents, []
 
 
 def fingerprint(documents: list[str]) -> str:
@@ -133,27 +119,8 @@ def read_file(path: Path, columns: Sequence[str], text_columns: int, document: s
     return readers[path.suffix](path, columns, text_columns)
 
 
-def read_text(path: Path) -> str:
-    """A whole file as UTF-8, or an error naming the first line that is not."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise LlmkitError(f"{path}:{line}: not UTF-8 text") from None
-
-
 def read_jsonl(path: Path, columns: Sequence[str], text_columns: int) -> list[dict]:
-    rows = []
-    for number, line in enumerate(read_text(path).split("\n"), 1):  # not splitlines: JSON may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise LlmkitError(f"{path}:{number}: not a JSON object") from None
-        rows.append(check_columns(row, columns, text_columns, f"{path}:{number}"))
-    return rows
+    return [check_columns(row, columns, text_columns, where) for where, row in jsonl_values(path)]
 
 
 def read_csv(path: Path, columns: Sequence[str], text_columns: int) -> list[dict]:
@@ -173,7 +140,7 @@ def read_parquet(path: Path, columns: Sequence[str], text_columns: int) -> list[
     try:
         table = pq.read_table(path)
     except (pyarrow.ArrowException, OSError) as error:
-        raise LlmkitError(f"{path}: not a readable Parquet file ({str(error).splitlines()[0]})") from None
+        raise LlmkitError(f"{path}: not a readable Parquet file ({first_line(error)})") from None
     check_header(table.column_names, columns, str(path))
     return [check_columns(row, columns, text_columns, f"{path}: row {number}")
             for number, row in enumerate(table.to_pylist(), 1)]
@@ -209,6 +176,11 @@ def check_columns(row: object, columns: Sequence[str], text_columns: int, where:
         if not isinstance(row[column], str):
             raise LlmkitError(f"{where}: expected the '{column}' field to be text, got {row[column]!r}")
     return row
+
+
+def blocks_cache() -> Path:
+    """Where tokenized, packed blocks are cached (by content): $LLMKIT_CACHE/blocks."""
+    return Path(os.environ.get("LLMKIT_CACHE", Path.home() / ".cache" / "llmkit")) / "blocks"
 
 
 def pack_blocks(documents: list[str], tokenizer, block_size: int, cache_dir: Path | None = None):

@@ -1,4 +1,13 @@
-"""The one error type that the CLI shows as a single line with exit status 2."""
+"""The two exceptions the CLI turns into exit statuses, and the helpers that word error messages.
+
+Every expected failure is an LlmkitError: one line on stderr, exit status 2, a traceback only under
+--debug. Interrupted is a training run stopped by Ctrl-C or SIGTERM after saving a checkpoint (exit 130).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
 
 
 class LlmkitError(Exception):
@@ -10,4 +19,16 @@ class LlmkitError(Exception):
 
 
 class Interrupted(Exception):
-    """Training stopped by Ctrl-C after saving a resumable checkpoint."""
+    """Training stopped by Ctrl-C or SIGTERM after saving a resumable checkpoint."""
+
+
+def did_you_mean(name: str, choices: Iterable[str], prefix: str = "") -> str:
+    """` (did you mean 'x'?)` for the choice closest to a misspelled name, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def first_line(error: Exception) -> str:
+    """The first line of a library's error message (they run to pages), or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

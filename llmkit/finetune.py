@@ -1,6 +1,6 @@
 """`llmkit finetune`: adapt a model to a task (classification, token classification, extractive QA,
-instruction tuning) by full tuning or PEFT (LoRA, DoRA, QLoRA, prompt and prefix tuning), with
-optional knowledge distillation from a teacher.
+instruction tuning: llmkit.tasks) by full tuning or PEFT (LoRA, DoRA, QLoRA, prompt and prefix tuning),
+with optional knowledge distillation from a teacher.
 
 setup (data, tokenizer, model: everything that can refuse bad input, before the disk is touched)
 -> train (HF Trainer, best checkpoint by a validation metric) -> finish (test scores, model, card).
@@ -19,28 +19,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmkit import task_data, tasks
 from llmkit.errors import LlmkitError
-from llmkit.recipe import recipe_to_toml
 from llmkit.settings import Recipe
-from llmkit.training import LlmkitTrainer
-
-TASK_HEADS = {  # fine-tuning task -> llmkit.models head
-    "classification": "sequence-classification",
-    "token-classification": "token-classification",
-    "extractive-qa": "question-answering",
-    "causal-lm": "causal-lm",
-}
-DEFAULT_METRIC = {"classification": "accuracy", "token-classification": "f1", "extractive-qa": "f1", "causal-lm": "loss"}
-LABEL_NAMES = {"extractive-qa": ["start_positions", "end_positions"]}  # the others: ["labels"]
-# A chat template for tokenizers without one (those llmkit trains): question, answer, end of answer.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}答：{{ message['content'] }}{{ eos_token }}"
-    "{% elif message['role'] == 'user' %}问：{{ message['content'] }}"
-    "{% else %}{{ message['content'] }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}答：{% endif %}"
-)
 
 
 @dataclass
@@ -56,6 +37,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     `force`: resume although the recipe differs from the run's in keys that matter."""
     from llmkit import rundir
     from llmkit.console import console, quiet_libraries
+    from llmkit.training import run_folder
 
     quiet_libraries()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21
@@ -67,15 +49,15 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     if settings.method != "full" and Path(recipe.model.path).resolve() == run_dir.resolve():
         raise LlmkitError(f"model.path {recipe.model.path} is this run's own folder: an adapter needs its base model "
                           f"to stay; set another run.name")
-    with rundir.RunFolder(run_dir, overwrite, resume) as folder:
-        validation, test, main = train(recipe, folder, resume, force, callbacks)
+    with run_folder(recipe, overwrite, resume, force) as folder:
+        validation, test, main = train(recipe, folder, resume, callbacks)
     if main:
         rundir.point_latest(run_dir)
         show_results(console, run_dir, settings, validation, test)
     return FinetuneResult(run_dir, validation, test)
 
 
-def train(recipe: Recipe, folder, resume: bool, force: bool, callbacks: list | None):
+def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     """Set up (everything that can refuse the input runs before the disk is touched), train into
     `folder.work_dir` (a rundir.RunFolder) and finish there;
     -> (validation metrics, test metrics, whether this is the main process)."""
@@ -83,17 +65,16 @@ def train(recipe: Recipe, folder, resume: bool, force: bool, callbacks: list | N
 
     from llmkit import rundir
     from llmkit.adapters import apply_method
-    from llmkit.builders import training_arguments, training_precision
+    from llmkit.callbacks import MetricsFile
     from llmkit.console import console
-    from llmkit.task_data import load_task_data
-    from llmkit.training import MetricsFile, check_resume_recipe, train_resumably
+    from llmkit.devices import training_precision
+    from llmkit.loading import build_task_model
+    from llmkit.training import start_run, train_resumably, training_arguments
 
-    run_dir, work_dir = folder.run_dir, folder.work_dir
+    work_dir = folder.work_dir
     settings = recipe.finetune
-    if resume:
-        check_resume_recipe(recipe, run_dir, force)
     with console.status("reading data"):
-        data = load_task_data(settings, recipe.run.seed)
+        data = task_data.load_task_data(settings, recipe.run.seed)
     with console.status("preparing the tokenizer"):
         tokenizer = task_tokenizer(recipe, data)
     teacher = load_teacher(recipe, tokenizer, data.labels) if recipe.distill.teacher else None
@@ -102,16 +83,14 @@ def train(recipe: Recipe, folder, resume: bool, force: bool, callbacks: list | N
         model = apply_method(settings, build_task_model(recipe, tokenizer, data.labels))
     train_features, validation_features = encode_splits(recipe, tokenizer, data, model, console)
 
-    metric = settings.metric or DEFAULT_METRIC[settings.task]
+    metric = settings.metric or tasks.selection_metrics(settings.task)[0]
     args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
                               load_best_model_at_end=True, metric_for_best_model=metric,
                               greater_is_better=not metric.endswith("loss"), remove_unused_columns=False,
                               train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
-                              label_names=LABEL_NAMES.get(settings.task, ["labels"]),
+                              label_names=list(tasks.TASKS[settings.task].targets),
                               **({"save_steps": recipe.train.eval_every} if recipe.train.eval_every else {}))
-    with args.main_process_first(desc="run directory"):
-        if args.process_index == 0 and not resume:
-            folder.start(recipe_to_toml(recipe), rundir.provenance(data_fingerprint(data), args.world_size))
+    start_run(folder, recipe, args, resume, data_fingerprint(data))
     if args.process_index == 0:
         describe_setup(console, model, settings, data, train_features, training_precision(recipe.train.precision))
 
@@ -126,94 +105,36 @@ def train(recipe: Recipe, folder, resume: bool, force: bool, callbacks: list | N
 
 
 def task_tokenizer(recipe: Recipe, data):
-    """The base model's tokenizer, or one trained on the training texts; padded, with a chat template
-    for instruction tuning."""
-    from llmkit.models import resolve_model
+    """The base model's tokenizer, or one trained on the training texts; padded (the task's module may
+    prepare it further: a chat template for instruction tuning)."""
+    from llmkit.loading import resolve_model
     from llmkit.tokenizer import load_tokenizer, train_tokenizer
 
     settings = recipe.finetune
+    task = task_data.implementation(settings.task)
     source = recipe.tokenizer.path or (resolve_model(recipe.model.path) if recipe.model.path else "")
     if source:
         tokenizer = load_tokenizer(source)
     else:
         objective = "mlm" if recipe.model.arch == "bert" else "causal"
-        tokenizer = train_tokenizer(training_texts(settings, data.train), recipe.tokenizer, objective)
+        tokenizer = train_tokenizer(task.training_texts(settings, data.train), recipe.tokenizer, objective)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    if settings.task == "causal-lm" and (settings.chat_template or not getattr(tokenizer, "chat_template", None)):
-        tokenizer.chat_template = settings.chat_template or PLAIN_CHAT_TEMPLATE
+    if hasattr(task, "prepare_tokenizer"):
+        task.prepare_tokenizer(tokenizer, settings)
     return tokenizer
-
-
-def training_texts(settings, rows: list[dict]) -> list[str]:
-    """The text of each training row, for a tokenizer trained from scratch."""
-    if settings.task == "causal-lm":
-        return [message["content"] for row in rows for message in row["messages"]]
-    if settings.task == "token-classification":
-        return ["".join(row[settings.tokens_column]) for row in rows]
-    columns = {"classification": [settings.text_column, settings.text_pair_column],
-               "extractive-qa": [settings.question_column, settings.context_column]}[settings.task]
-    return [row[column] for row in rows for column in columns if column]
-
-
-def head_options(settings, tokenizer, labels: list[str]) -> dict:
-    options = {"pad_token_id": tokenizer.pad_token_id}
-    if labels:
-        options |= {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                    "label2id": {name: i for i, name in enumerate(labels)}}
-    return options
-
-
-def build_task_model(recipe: Recipe, tokenizer, labels: list[str], quantize: bool | None = None):
-    """The base model with the task's head: loaded from model.path (4-bit NF4 for QLoRA), or built
-    from [model] and the tokenizer."""
-    import transformers
-
-    from llmkit.adapters import quantization_config
-    from llmkit.builders import model_config
-    from llmkit.models import HEADS, first_line, pick_device, resolve_model, with_head
-
-    settings = recipe.finetune
-    head = TASK_HEADS[settings.task]
-    auto = getattr(transformers, HEADS[head])
-    options = head_options(settings, tokenizer, labels)
-    if not recipe.model.path:
-        config = model_config(recipe.model, tokenizer, "mlm" if recipe.model.arch == "bert" else "causal")
-        config.update(options)
-        return no_head_error(lambda: auto.from_config(config), config.model_type, head)
-    source = resolve_model(recipe.model.path)
-    quantize = settings.method == "qlora" if quantize is None else quantize
-    if quantize:
-        options |= {"quantization_config": quantization_config(source, auto), "device_map": {"": pick_device()}}
-    try:
-        model = no_head_error(lambda: with_head(auto, source, ignore_mismatched_sizes=bool(labels), **options),
-                              source, head)
-    except (OSError, ImportError) as error:
-        raise LlmkitError(f"model.path {source}: cannot load it: {first_line(error)}") from None
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    return model
-
-
-def no_head_error(load, what: str, head: str):
-    """Run `load`; transformers' "Unrecognized configuration class" becomes a one-line LlmkitError."""
-    try:
-        return load()
-    except ValueError as error:
-        if "Unrecognized configuration class" in str(error):
-            raise LlmkitError(f"{what}: transformers has no {head} head for this architecture") from None
-        raise LlmkitError(f"{what}: {str(error).splitlines()[0]}") from None
 
 
 def load_teacher(recipe: Recipe, tokenizer, labels: list[str]):
     """The distillation teacher, frozen; it must read the student's tokens and predict its labels."""
-    from llmkit.models import load_model
+    from llmkit.loading import load_model
 
-    if recipe.finetune.task == "extractive-qa":  # its outputs are start/end logits: no distillation loss for them
-        raise LlmkitError("distill.teacher: distillation covers classification, token-classification and causal-lm, "
-                          "not extractive-qa")
-    teacher, teacher_tokenizer = load_model(recipe.distill.teacher, head=TASK_HEADS[recipe.finetune.task])
+    task = tasks.TASKS[recipe.finetune.task]
+    if not task.distillable:
+        distillable = ", ".join(name for name, entry in tasks.TASKS.items() if entry.distillable)
+        raise LlmkitError(f"distill.teacher: distillation covers {distillable}, not {recipe.finetune.task}")
+    teacher, teacher_tokenizer = load_model(recipe.distill.teacher, head=task.head)
     if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise LlmkitError(f"distill.teacher {recipe.distill.teacher}: its tokenizer differs from the student's; "
                           f"set tokenizer.path (or model.path) to the teacher so that both read the same tokens")
@@ -230,8 +151,7 @@ def encode_splits(recipe: Recipe, tokenizer, data, model, console):
     """Training and validation features as datasets; truncation and dropped examples are reported."""
     import datasets
 
-    from llmkit.models import model_positions
-    from llmkit.task_data import encode
+    from llmkit.loading import model_positions
 
     settings = recipe.finetune
     positions = model_positions(model.config)
@@ -241,7 +161,7 @@ def encode_splits(recipe: Recipe, tokenizer, data, model, console):
         settings.max_length = positions
     splits = []
     for name, rows in (("training", data.train), ("validation", data.validation)):
-        features = encode(settings, tokenizer, rows, data.labels)
+        features = task_data.encode(settings, tokenizer, rows, data.labels)
         if features.truncated:
             console.print(f"[yellow]{features.truncated:,} of {len(rows):,} {name} examples are longer than "
                           f"finetune.max_length = {settings.max_length} tokens and were truncated[/]")
@@ -273,74 +193,12 @@ def describe_setup(console, model, settings, data, train_features, precision) ->
 # ---------------------------------------------------------------- training
 
 
-class FinetuneTrainer(LlmkitTrainer):
-    """Trainer with class weights, distillation from a teacher, and validation scored the way
-    `llmkit eval` scores (accuracy, entity F1, EM/F1) at every evaluation."""
-
-    def __init__(self, *args, class_weights=None, teacher=None, distill=None, score_validation=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.class_weights, self.teacher, self.distill = class_weights, teacher, distill
-        self.score_validation = score_validation
-        self.validation_scores: dict = {}
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.class_weights is None and self.teacher is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        import torch.nn.functional as F
-
-        outputs = model(**inputs)
-        loss = outputs.loss
-        if self.class_weights is not None:
-            loss = F.cross_entropy(outputs.logits.float(), inputs["labels"],
-                                   weight=self.class_weights.to(outputs.logits.device))
-        if self.teacher is not None:
-            loss = (1 - self.distill.alpha) * loss + self.distill.alpha * self.distillation_loss(inputs, outputs.logits)
-        return (loss, outputs) if return_outputs else loss
-
-    def distillation_loss(self, inputs, student_logits):
-        """temperature^2 x KL(teacher || student) on softened outputs; for causal LMs and taggers over
-        the tokens that carry a label (the response, the tagged first sub-tokens), for classifiers per
-        example."""
-        import torch
-        import torch.nn.functional as F
-
-        model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        with torch.no_grad():
-            teacher_logits = self.teacher(**model_inputs).logits.float()
-        student_logits = student_logits.float()
-        if student_logits.dim() == 3:  # prompt tuning puts virtual tokens first
-            student_logits = student_logits[:, -teacher_logits.shape[1]:]
-        t = self.distill.temperature
-        kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
-                      log_target=True, reduction="none").sum(-1)
-        if kl.dim() == 2:
-            labels = inputs["labels"][:, -kl.shape[1]:]  # taggers' labels move right with prompt tuning
-            if self.perplexity:  # a causal LM (make_trainer sets perplexity for it only): i predicts i + 1
-                kl, labels = kl[:, :-1], labels[:, 1:]
-            kl = kl[labels != -100]
-        return kl.mean() * t * t
-
-    def evaluate(self, *args, **kwargs):
-        if self.score_validation is not None:
-            was_training = self.model.training
-            self.model.eval()
-            self.validation_scores = self.score_validation(self.model)
-            self.model.train(was_training)
-        return super().evaluate(*args, **kwargs)
-
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        if "eval_loss" in logs and self.validation_scores:
-            logs.update({f"eval_{k}": v for k, v in self.validation_scores.items() if isinstance(v, (int, float))})
-            self.validation_scores = {}
-        super().log(logs, start_time)
-
-
 def make_trainer(recipe: Recipe, model, tokenizer, args, train_features, validation_features, data, teacher,
                  callbacks):
     from transformers import EarlyStoppingCallback, PrinterCallback
 
-    from llmkit.task_data import collator
-    from llmkit.training import Progress
+    from llmkit.callbacks import Progress
+    from llmkit.training import LlmkitTrainer
 
     settings = recipe.finetune
     mean_tokens = sum(len(ids) for ids in train_features["input_ids"]) / len(train_features)
@@ -348,39 +206,31 @@ def make_trainer(recipe: Recipe, model, tokenizer, args, train_features, validat
     callbacks = [Progress(round(tokens_per_step)), *callbacks]
     if settings.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
-    trainer = FinetuneTrainer(
+    trainer = LlmkitTrainer(
         model=model, args=args, train_dataset=train_features, eval_dataset=validation_features,
-        data_collator=collator(settings.task, tokenizer,
+        data_collator=task_data.collator(settings.task, tokenizer,
                                settings.num_virtual_tokens if settings.method == "prompt-tuning" else 0),
         processing_class=tokenizer, callbacks=callbacks,
-        perplexity=settings.task == "causal-lm", class_weights=class_weights(settings, data),
+        perplexity=tasks.TASKS[settings.task].head == "causal-lm", class_weights=class_weights(settings, data),
         teacher=teacher, distill=recipe.distill, score_validation=validation_scorer(recipe, tokenizer, data))
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
     return trainer
 
 
 def class_weights(settings, data):
-    """"balanced": each class weighs total / (classes x its count), as in scikit-learn."""
-    if settings.task != "classification" or settings.class_weights == "none":
-        return None
-    import torch
-
-    counts = [0] * len(data.labels)
-    for row in data.train:
-        counts[data.label2id[str(row[settings.label_column])]] += 1
-    return torch.tensor([len(data.train) / (len(counts) * max(count, 1)) for count in counts])
+    """The task module's loss weights per class (classification: finetune.class_weights), else None."""
+    weights = getattr(task_data.implementation(settings.task), "loss_weights", None)
+    return weights(settings, data.train, data.label2id) if weights else None
 
 
 def validation_scorer(recipe: Recipe, tokenizer, data):
     """model -> validation metrics, scored like `llmkit eval` (causal LMs: the loss is the measure)."""
-    from llmkit.evaluate import SCORERS
-    from llmkit.task_data import eval_task
 
     settings = recipe.finetune
-    if settings.task == "causal-lm":
+    if not tasks.TASKS[settings.task].select_by:  # instruction tuning: generating is too slow to do at every evaluation
         return None
-    task = eval_task(settings, settings.validation_source or settings.source)
-    return lambda model: SCORERS[task.kind](model, tokenizer, task, data.validation, recipe.train.eval_batch_size)
+    task = task_data.eval_task(settings, settings.validation_source or settings.source)
+    return lambda model: task_data.score(model, tokenizer, task, data.validation, recipe.train.eval_batch_size)
 
 
 # ---------------------------------------------------------------- finish
@@ -430,6 +280,7 @@ def save_head_config(model, run_dir: Path) -> None:
 
 def merge(recipe: Recipe, tokenizer, labels: list[str], run_dir: Path) -> None:
     from llmkit.adapters import merge_adapter
+    from llmkit.loading import build_task_model
 
     merged = run_dir / "merged"
     merge_adapter(run_dir, merged, lambda: build_task_model(recipe, tokenizer, labels, quantize=False))
@@ -438,16 +289,15 @@ def merge(recipe: Recipe, tokenizer, labels: list[str], run_dir: Path) -> None:
 
 def score_test(recipe: Recipe, model, tokenizer, data) -> dict:
     """The held-out test split, scored once with the kept model, as `llmkit eval` scores it."""
-    from llmkit.evaluate import SCORERS
-    from llmkit.task_data import eval_task, generation_rows
 
     settings = recipe.finetune
     model.eval()
-    if settings.task == "causal-lm":
-        task, rows = generation_rows(settings, tokenizer, data.test)
+    scoring_rows = getattr(task_data.implementation(settings.task), "scoring_rows", None)
+    if scoring_rows:  # instruction tuning: conversations become prompts and references
+        task, rows = scoring_rows(settings, tokenizer, data.test)
     else:
-        task, rows = eval_task(settings, settings.test_source), data.test
-    return SCORERS[task.kind](model, tokenizer, task, rows, recipe.train.eval_batch_size)
+        task, rows = task_data.eval_task(settings, settings.test_source), data.test
+    return task_data.score(model, tokenizer, task, rows, recipe.train.eval_batch_size)
 
 
 def write_reports(recipe: Recipe, trainer, tokenizer, data, run_dir: Path, validation: dict, test: dict) -> None:
@@ -458,16 +308,13 @@ def write_reports(recipe: Recipe, trainer, tokenizer, data, run_dir: Path, valid
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.run.name)
     rundir.write_json(run_dir / "final_metrics.json",
                       {"step": trainer.state.global_step, "validation": validation, "test": test})
-    loaders = {"classification": "AutoModelForSequenceClassification",
-               "token-classification": "AutoModelForTokenClassification",
-               "extractive-qa": "AutoModelForQuestionAnswering", "causal-lm": "AutoModelForCausalLM"}
     base = f" of `{recipe.model.path}`" if recipe.model.path else ""
     test_scores = {f"test {k}": v for k, v in test.items() if isinstance(v, float)}
     write_model_card(run_dir / "README.md", name=recipe.run.name, model=trainer.model, tokenizer=tokenizer,
                      description=f"A {settings.task} model: {settings.method} fine-tuning{base} with llmkit."
                                  + ("" if settings.method == "full" else " This folder holds the adapter (PEFT); "
                                     "`llmkit generate/eval` load it onto its base."),
-                     loader=loaders[settings.task],
+                     loader=tasks.HEADS[tasks.TASKS[settings.task].head].auto_class,
                      data=f"`{settings.source}`: {len(data.train):,} training / {len(data.validation):,} validation"
                           f" / {len(data.test):,} test examples",
                      steps=trainer.state.global_step,
@@ -481,7 +328,8 @@ def show_results(console, run_dir: Path, settings, validation: dict, test: dict)
     table.add_column("metric")
     table.add_column("validation (best)", justify="right")
     table.add_column("test", justify="right")
-    names = [k for k in ("accuracy", "f1", "precision", "recall", "exact_match", "bleu", "chrf", "rouge_l", "loss")
+    scored_as = tasks.TASKS[tasks.scorer_of(settings.task)]
+    names = [k for k in dict.fromkeys((*scored_as.headline, *tasks.selection_metrics(settings.task)))
              if k in validation or k in test]
     for name in names:
         table.add_row(name, *(f"{split[name]:.4f}" if name in split else "-" for split in (validation, test)))

@@ -3,6 +3,12 @@ continue pretraining an existing one.
 
 setup (data, tokenizer, model: everything that can refuse bad input, before the disk is touched)
 -> train (HF Trainer) -> finish (final evaluation, model, card, curve, samples, runs/latest).
+
+    from llmkit import load_recipe
+    from llmkit.pretrain import run
+
+    result = run(load_recipe("pretrain-zh-tiny", ["train.max_steps=100"]), overwrite=True)
+    print(result.metrics["eval_loss_per_char"])
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmkit.errors import LlmkitError
-from llmkit.recipe import recipe_to_toml
 from llmkit.settings import Recipe, check_pretraining
 
 
@@ -22,53 +27,47 @@ class PretrainResult:
     samples: list[str]
 
 
-def cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("LLMKIT_CACHE", Path.home() / ".cache" / "llmkit")) / "blocks"
-
-
 def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks: list | None = None,
         force: bool = False) -> PretrainResult:
     """Pretrain as the recipe says; `callbacks` (transformers TrainerCallback) are added to the Trainer's.
     `force`: resume although the recipe differs from the run's in keys that matter."""
     from llmkit import rundir
     from llmkit.console import console, quiet_libraries
+    from llmkit.training import run_folder
 
     quiet_libraries()
     check_pretraining(recipe)
-    run_dir = rundir.run_dir_for(recipe.run.output_dir, recipe.run.name)
-    with rundir.RunFolder(run_dir, overwrite, resume) as folder:
-        metrics, samples, main = train(recipe, folder, resume, force, callbacks)
+    with run_folder(recipe, overwrite, resume, force) as folder:
+        metrics, samples, main = train(recipe, folder, resume, callbacks)
     if main:
-        rundir.point_latest(run_dir)
-        console.print(f"[bold green]done[/]: model saved in {run_dir}", highlight=False)
+        rundir.point_latest(folder.run_dir)
+        console.print(f"[bold green]done[/]: model saved in {folder.run_dir}", highlight=False)
         for text in samples:
             console.print(f"  {text}", highlight=False)
-    return PretrainResult(run_dir, metrics, samples)
+    return PretrainResult(folder.run_dir, metrics, samples)
 
 
-def train(recipe: Recipe, folder, resume: bool, force: bool, callbacks: list | None):
+def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     """Set up (everything that can refuse the input runs before the disk is touched), train into
     `folder.work_dir` (a rundir.RunFolder) and finish there;
     -> (final metrics, samples, whether this is the main process)."""
     import transformers
 
     from llmkit import rundir
-    from llmkit.builders import build_model, training_arguments, training_precision
+    from llmkit.callbacks import MetricsFile
     from llmkit.console import console
-    from llmkit.data import load_text_splits, pack_blocks
+    from llmkit.data import blocks_cache, load_text_splits, pack_blocks
+    from llmkit.devices import training_precision
+    from llmkit.loading import build_model
     from llmkit.tokenizer import load_tokenizer, train_tokenizer
-    from llmkit.training import MetricsFile, check_resume_recipe, train_resumably
+    from llmkit.training import language_model_trainer, start_run, train_resumably, training_arguments
 
-    run_dir, work_dir = folder.run_dir, folder.work_dir
+    work_dir = folder.work_dir
     objective = recipe.train.objective
-    if resume:
-        check_resume_recipe(recipe, run_dir, force)
     with console.status("reading data"):
         splits = load_text_splits(recipe.data)
     with console.status("preparing the tokenizer"):
-        tokenizer_source = run_dir if resume else (recipe.tokenizer.path or recipe.model.path)
+        tokenizer_source = folder.run_dir if resume else (recipe.tokenizer.path or recipe.model.path)
         if tokenizer_source:
             tokenizer = load_tokenizer(str(tokenizer_source))
         else:
@@ -78,50 +77,25 @@ def train(recipe: Recipe, folder, resume: bool, force: bool, callbacks: list | N
 
     args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS)
     with args.main_process_first(desc="tokenizing"), console.status("tokenizing and packing"):
-        train_blocks, _ = pack_blocks(splits.train, tokenizer, recipe.data.block_size, cache_dir())
-        eval_blocks, eval_tokens = pack_blocks(splits.validation, tokenizer, recipe.data.block_size, cache_dir())
+        train_blocks, _ = pack_blocks(splits.train, tokenizer, recipe.data.block_size, blocks_cache())
+        eval_blocks, eval_tokens = pack_blocks(splits.validation, tokenizer, recipe.data.block_size, blocks_cache())
     if len(eval_blocks) == 0:
         raise LlmkitError(f"the validation split ({eval_tokens} tokens) is shorter than one block of "
                           f"data.block_size = {recipe.data.block_size}; lower it or hold out more text")
-    # Everything that can refuse the input has run: only now is the run directory written.
-    with args.main_process_first(desc="run directory"):
-        if args.process_index == 0 and not resume:
-            folder.start(recipe_to_toml(recipe), rundir.provenance(splits.fingerprint, args.world_size))
-            tokenizer.save_pretrained(work_dir)
+    start_run(folder, recipe, args, resume, splits.fingerprint, tokenizer)
     if args.process_index == 0:
-        describe_setup(console, model, tokenizer, splits, train_blocks, eval_blocks, args,
+        describe_setup(console, model, tokenizer, train_blocks, eval_blocks, args,
                        training_precision(recipe.train.precision))
 
-    trainer = make_trainer(recipe, model, tokenizer, args, train_blocks, eval_blocks,
-                           tokens_per_char=eval_tokens / splits.validation_chars if objective == "causal" else None,
-                           callbacks=[MetricsFile(work_dir / "metrics.jsonl"), *(callbacks or [])])
+    tokens_per_char = eval_tokens / splits.validation_chars if objective == "causal" else None
+    trainer = language_model_trainer(recipe, model, tokenizer, args, train_blocks, eval_blocks, tokens_per_char,
+                                     callbacks=[MetricsFile(work_dir / "metrics.jsonl"), *(callbacks or [])])
     train_resumably(trainer, work_dir, resume, "pretrain")
     metrics, samples = finish(recipe, trainer, tokenizer, splits, work_dir)
     return metrics, samples, args.process_index == 0
 
 
-def make_trainer(recipe: Recipe, model, tokenizer, args, train_blocks, eval_blocks, tokens_per_char, callbacks):
-    """The Trainer for a pretraining run; `callbacks` come on top of progress display and samples."""
-    from transformers import DataCollatorForLanguageModeling, PrinterCallback
-
-    from llmkit.training import LlmkitTrainer, Progress, ShowSamples, collate_blocks
-
-    if recipe.train.objective == "mlm":
-        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=recipe.train.mlm_probability)
-    else:
-        collator = collate_blocks
-    tokens_per_step = recipe.data.block_size * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-    callbacks = [Progress(tokens_per_step), *callbacks]
-    if recipe.train.objective == "causal" and recipe.distributed.strategy == "ddp":
-        callbacks.append(ShowSamples(tokenizer, recipe.generate, recipe.run.seed))
-    trainer = LlmkitTrainer(model=model, args=args, train_dataset=train_blocks.with_format("torch"),
-                            eval_dataset=eval_blocks.with_format("torch"),
-                            data_collator=collator, callbacks=callbacks, tokens_per_char=tokens_per_char)
-    trainer.remove_callback(PrinterCallback)  # Progress prints instead
-    return trainer
-
-
-def describe_setup(console, model, tokenizer, splits, train_blocks, eval_blocks, args, precision) -> None:
+def describe_setup(console, model, tokenizer, train_blocks, eval_blocks, args, precision) -> None:
     parameters = sum(p.numel() for p in model.parameters())
     console.print(f"model: {model.config.model_type}, {parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer):,}; "
                   f"data: {len(train_blocks):,} training / {len(eval_blocks):,} validation blocks; "
@@ -130,9 +104,10 @@ def describe_setup(console, model, tokenizer, splits, train_blocks, eval_blocks,
 
 def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> tuple[dict, list[str]]:
     from llmkit import rundir
-    from llmkit.data import count_chars
     from llmkit.generation import continue_prompts
     from llmkit.report import plot_losses, write_model_card
+    from llmkit.splits import count_chars
+    from llmkit.tasks import HEADS
     from llmkit.training import trained_model
 
     evaluations = [row for row in trainer.state.log_history if "eval_loss" in row]
@@ -151,7 +126,7 @@ def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> tuple[d
         write_model_card(run_dir / "README.md", name=recipe.run.name, model=model, tokenizer=tokenizer,
                          description=f"A {model.config.model_type} {'causal' if causal else 'masked'} language "
                                      f"model pretrained with llmkit.",
-                         loader="AutoModelForCausalLM" if causal else "AutoModelForMaskedLM",
+                         loader=HEADS["causal-lm" if causal else "masked-lm"].auto_class,
                          data=f"`{recipe.data.source}`: {count_chars(splits.train):,} training / "
                               f"{splits.validation_chars:,} validation characters",
                          steps=trainer.state.global_step, metrics=metrics, samples=samples)

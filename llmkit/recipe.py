@@ -1,7 +1,8 @@
 """Recipes: TOML files validated into typed settings (llmkit.settings), with `extends` and overrides.
 
-Layers apply in order: defaults -> the recipe it extends -> the recipe -> `--set key=value` overrides.
-Each layer is checked on its own, so an error names the file (or `--set`) that holds the bad key.
+Layers apply in order: defaults -> the recipe it extends -> the recipe -> `--set key=value` overrides ->
+a command's own options (`--top-k 5` is generate.top_k). Each layer is checked on its own, so an error
+names the file, the `--set` or the option that holds the bad value.
 """
 
 from __future__ import annotations
@@ -13,19 +14,24 @@ import tomllib
 import typing
 from pathlib import Path
 
-from llmkit.errors import LlmkitError
-from llmkit.settings import Recipe, did_you_mean
+from llmkit.errors import LlmkitError, did_you_mean
+from llmkit.settings import Recipe
 
 RECIPE_SUFFIX = ".toml"
 
 
-def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Read a recipe file (or only defaults when path is None), apply overrides, validate."""
+def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                options: dict[str, object] | None = None) -> Recipe:
+    """Read a recipe file (or only defaults when path is None), apply overrides, then `options` (a
+    command's options as {"table.key": value}; None = not given), validate."""
     merged: dict = {}
     if path is not None:
         merge(merged, read_layers(find_recipe(path), seen=()))
     for override in overrides:
         merge(merged, parse_override(override))
+    for key, value in (options or {}).items():
+        if value is not None:
+            merge(merged, option_layer(key, value))
     recipe = build(Recipe, merged, source="recipe")
     recipe.check()
     return recipe
@@ -87,6 +93,16 @@ def parse_override(text: str) -> dict:
     node[leaf] = value
     check_layer(Recipe, layer, source=f"--set {text}", prefix="")
     resolve_paths(layer, Path.cwd())
+    return layer
+
+
+def option_layer(key: str, value: object) -> dict:
+    """A command-line option as a recipe layer: ("generate.top_k", 5) -> {"generate": {"top_k": 5}};
+    an error names the option (`--top-k`). A path stays as typed: it is relative to where the command runs,
+    and errors name it so."""
+    table, name = key.split(".")
+    layer = {table: {name: value}}
+    check_layer(Recipe, layer, source=f"--{name.replace('_', '-')}", prefix="")
     return layer
 
 

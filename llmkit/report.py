@@ -1,10 +1,21 @@
-"""What people look at after a run: the loss curve (PNG) and the model card (README.md)."""
+"""What people look at: the loss curve (PNG) and the model card (README.md) of a run, and heatmaps of
+a model's attention over a text (PNG)."""
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
+from llmkit.errors import LlmkitError
 from llmkit.rundir import read_jsonl, write_text
+
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans SC", "Noto Serif CJK SC",
+             "Source Han Sans SC", "Source Han Sans CN", "Source Han Sans", "WenQuanYi Micro Hei",
+             "WenQuanYi Zen Hei", "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "Hiragino Sans GB",
+             "Droid Sans Fallback", "AR PL UMing CN", "AR PL UKai CN", "Arial Unicode MS")
+FONT_PACKAGES = ("mplfonts", "noto_cjk_sans_otc", "noto_cjk")  # pip packages that ship CJK fonts
+CJK_CHAR = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 
 
 def plot_losses(metrics_path: Path, png_path: Path, title: str) -> None:
@@ -71,3 +82,118 @@ def write_model_card(path: Path, *, name: str, description: str, loader: str, mo
     if samples:
         lines += ["", "## Samples", ""] + [f"- {text}" for text in samples]
     write_text(path, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- attention
+
+
+def attention_weights(model, tokenizer, ids: list[int]):
+    """(token labels, weights [layers, heads, tokens, tokens]) from one forward pass over `ids` with
+    eager attention (the fused kernels do not return weights)."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = inner.config._attn_implementation
+    inner.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            output = model(input_ids=torch.tensor([ids], device=model.device), output_attentions=True,
+                           use_cache=False)
+    finally:
+        inner.set_attn_implementation(previous)
+    if not output.attentions or output.attentions[0] is None:
+        raise LlmkitError(f"{type(inner).__name__} does not return attention weights")
+    weights = torch.stack([layer[0].float().cpu() for layer in output.attentions])
+    return [token_label(tokenizer, token) for token in ids], weights
+
+
+def token_label(tokenizer, token: int) -> str:
+    text = tokenizer.decode([token])
+    return text.replace("\n", "\\n").replace(" ", "␣") or tokenizer.convert_ids_to_tokens(token)
+
+
+def find_cjk_font():
+    """A font with Chinese glyphs: installed on the system, or shipped by a pip package; None if none."""
+    from importlib.util import find_spec
+
+    from matplotlib import font_manager
+
+    installed = {font.name: font.fname for font in font_manager.fontManager.ttflist}
+    for name in CJK_FONTS:
+        if name in installed:
+            return font_manager.FontProperties(fname=installed[name])
+    for name, fname in installed.items():
+        if re.search(r"CJK|Han Sans|Hei|Ming|Song|Kai", name):
+            return font_manager.FontProperties(fname=fname)
+    for package in FONT_PACKAGES:
+        spec = find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        folder = Path(spec.submodule_search_locations[0])
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".otf", ".ttf", ".ttc"))
+        preferred = [p for p in files if re.search(r"sanscjksc|cjk.*sc|hei", p.name, re.IGNORECASE)]
+        for path in preferred + files:
+            return font_manager.FontProperties(fname=str(path))
+    return None
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        from llmkit.console import error_console
+
+        error_console.print(f"warning: {message}", markup=False)
+
+
+def plot_attention(tokens: list[str], weights, path: str | Path, layer: int | None = None,
+                   head: int | None = None) -> Path:
+    """A heatmap of attention per layer (heads averaged, or `head`), in a grid; `layer` picks one."""
+    import warnings
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_layers, n_heads = weights.shape[0], weights.shape[1]
+    if layer is not None and not 0 <= layer < n_layers:
+        raise LlmkitError(f"--attention-layer {layer}: the model has layers 0..{n_layers - 1}")
+    if head is not None and not 0 <= head < n_heads:
+        raise LlmkitError(f"--attention-head {head}: the model has heads 0..{n_heads - 1}")
+    layers = [layer] if layer is not None else list(range(n_layers))
+    font = find_cjk_font()
+    if font is None and any(CJK_CHAR.search(token) for token in tokens):
+        warn_once("no CJK font found (install one, e.g. fonts-noto-cjk, or `pip install mplfonts`): "
+                  "Chinese tokens in the attention plot show as boxes")
+    columns = math.ceil(math.sqrt(len(layers)))
+    rows = math.ceil(len(layers) / columns)
+    side = min(max(4.0, 0.22 * len(tokens) + 1.5), 16.0)
+    figure = Figure(figsize=(side * columns, side * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    label_size = max(3.0, min(10.0, 240 / max(len(tokens), 1)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")
+        for index, number in enumerate(layers):
+            axes = figure.add_subplot(rows, columns, index + 1)
+            matrix = weights[number].mean(0) if head is None else weights[number, head]
+            image = axes.imshow(matrix.numpy(), cmap="viridis", vmin=0.0, aspect="auto")
+            axes.set_title(f"layer {number}, " + ("heads averaged" if head is None else f"head {head}"))
+            axes.set_xticks(range(len(tokens)))
+            axes.set_yticks(range(len(tokens)))
+            axes.set_xticklabels(tokens, rotation=90, fontsize=label_size, fontproperties=font)
+            axes.set_yticklabels(tokens, fontsize=label_size, fontproperties=font)
+            axes.set_xlabel("attended to (key)")
+            axes.set_ylabel("attending (query)")
+            figure.colorbar(image, ax=axes, shrink=0.8)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+    return path
+
+
+def plot_generation_attention(model, tokenizer, ids: list[int], path: str | Path,
+                              layer: int | None = None, head: int | None = None) -> Path:
+    """The attention heatmap over a generation's token ids (prompt + generated)."""
+    tokens, weights = attention_weights(model, tokenizer, ids)
+    return plot_attention(tokens, weights, path, layer, head)

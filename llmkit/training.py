@@ -1,35 +1,48 @@
-"""Glue around Hugging Face `Trainer` shared by the training commands: progress display, metrics
-file, Ctrl-C safety, samples during training, and the derived metrics (perplexity, loss per char)."""
+"""Training, shared by every command that trains (pretrain, finetune, the recovery fine-tune of
+quantize): TrainingArguments from the recipe, the Trainer and what llmkit adds to it (perplexity and loss
+per character, class weights, distillation, validation scored as `llmkit eval` scores), the run's folder
+from start to finish, and resuming.
+
+    run folder (new runs are written aside, swapped in whole) -> start (recipe, provenance, once the input
+    is checked) -> train, resumably (sealed checkpoints; Ctrl-C/SIGTERM saves one) -> the command finishes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-import signal
-import time
 from pathlib import Path
+from typing import Iterator
 
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
+from llmkit import rundir
+from llmkit.callbacks import Progress, SealCheckpoints, ShowSamples, StopOnInterrupt
 from llmkit.console import console
-from llmkit.errors import LlmkitError
-from llmkit.generation import continue_prompts
-from llmkit.rundir import append_jsonl
-from llmkit.settings import GenerateSettings
-
-
-SHOWN_METRICS = {"eval_perplexity": "perplexity", "eval_loss_per_char": "loss/char (nats)", "eval_accuracy": "accuracy",
-                 "eval_f1": "F1", "eval_exact_match": "exact match"}
+from llmkit.devices import has_accelerator, training_precision
+from llmkit.errors import Interrupted, LlmkitError
+from llmkit.recipe import load_recipe, recipe_to_dict, recipe_to_toml
+from llmkit.settings import DistributedSettings, Recipe, TrainSettings
 
 
 class LlmkitTrainer(Trainer):
-    """Trainer that adds perplexity and loss per character to every evaluation it logs."""
+    """Trainer that adds perplexity and loss per character to every evaluation it logs (language models),
+    and for task models class weights, distillation from a teacher, and validation scored the way
+    `llmkit eval` scores (accuracy, entity F1, EM/F1) at every evaluation."""
 
-    def __init__(self, *args, tokens_per_char: float | None = None, perplexity: bool = True, **kwargs):
+    def __init__(self, *args, tokens_per_char: float | None = None, perplexity: bool = True, class_weights=None,
+                 teacher=None, distill=None, score_validation=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokens_per_char = tokens_per_char
         self.perplexity = perplexity  # False for classifiers: their loss is not a language model's
+        self.class_weights, self.teacher, self.distill = class_weights, teacher, distill
+        self.score_validation = score_validation
+        self.validation_scores: dict = {}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "eval_loss" in logs and self.validation_scores:
+            logs.update({f"eval_{k}": v for k, v in self.validation_scores.items() if isinstance(v, (int, float))})
+            self.validation_scores = {}
         if "eval_loss" in logs and self.perplexity:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             if self.tokens_per_char:
@@ -37,6 +50,51 @@ class LlmkitTrainer(Trainer):
                 # with different tokenizers compare.
                 logs["eval_loss_per_char"] = logs["eval_loss"] * self.tokens_per_char
         super().log(logs, start_time)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.class_weights is None and self.teacher is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        import torch.nn.functional as F
+
+        outputs = model(**inputs)
+        loss = outputs.loss
+        if self.class_weights is not None:
+            loss = F.cross_entropy(outputs.logits.float(), inputs["labels"],
+                                   weight=self.class_weights.to(outputs.logits.device))
+        if self.teacher is not None:
+            loss = (1 - self.distill.alpha) * loss + self.distill.alpha * self.distillation_loss(inputs, outputs.logits)
+        return (loss, outputs) if return_outputs else loss
+
+    def distillation_loss(self, inputs, student_logits):
+        """temperature^2 x KL(teacher || student) on softened outputs; for causal LMs and taggers over
+        the tokens that carry a label (the response, the tagged first sub-tokens), for classifiers per
+        example."""
+        import torch
+        import torch.nn.functional as F
+
+        model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        with torch.no_grad():
+            teacher_logits = self.teacher(**model_inputs).logits.float()
+        student_logits = student_logits.float()
+        if student_logits.dim() == 3:  # prompt tuning puts virtual tokens first
+            student_logits = student_logits[:, -teacher_logits.shape[1]:]
+        t = self.distill.temperature
+        kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                      log_target=True, reduction="none").sum(-1)
+        if kl.dim() == 2:
+            labels = inputs["labels"][:, -kl.shape[1]:]  # taggers' labels move right with prompt tuning
+            if self.perplexity:  # a causal LM (make_trainer sets perplexity for it only): i predicts i + 1
+                kl, labels = kl[:, :-1], labels[:, 1:]
+            kl = kl[labels != -100]
+        return kl.mean() * t * t
+
+    def evaluate(self, *args, **kwargs):
+        if self.score_validation is not None:
+            was_training = self.model.training
+            self.model.eval()
+            self.validation_scores = self.score_validation(self.model)
+            self.model.train(was_training)
+        return super().evaluate(*args, **kwargs)
 
 
 def trained_model(trainer):
@@ -54,12 +112,105 @@ def collate_blocks(rows: list[dict]) -> dict:
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
+def training_arguments(train: TrainSettings, distributed: DistributedSettings, seed: int, output_dir: Path,
+                       **overrides):
+    """TrainingArguments from the recipe; `overrides` (TrainingArguments fields) win."""
+    import torch
+    from transformers import TrainingArguments
+
+    strategy = {}
+    if distributed.strategy == "fsdp":
+        strategy = {"fsdp": distributed.fsdp, "fsdp_config": distributed.fsdp_config or None}
+    elif distributed.strategy == "deepspeed":
+        strategy = {"deepspeed": distributed.deepspeed}
+    warmup = train.warmup_steps if train.warmup_steps < 1 else int(train.warmup_steps)
+    schedule = "epoch" if train.eval_every == 0 else "steps"
+    precision = training_precision(train.precision).name
+    return TrainingArguments(**{
+        "output_dir": str(output_dir),
+        "max_steps": -1 if train.epochs else train.max_steps,
+        "num_train_epochs": train.epochs or 1.0,
+        "per_device_train_batch_size": train.batch_size,
+        "per_device_eval_batch_size": train.eval_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation,
+        "learning_rate": train.learning_rate,
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr_rate": train.min_lr_ratio},
+        "warmup_steps": warmup,
+        "weight_decay": train.weight_decay,
+        "adam_beta2": train.adam_beta2,
+        "max_grad_norm": train.max_grad_norm,
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "eval_strategy": schedule,
+        "eval_steps": train.eval_every or None,
+        "save_strategy": schedule,
+        "save_steps": train.save_every,
+        "save_total_limit": train.keep_checkpoints,
+        "logging_steps": train.log_every,
+        "activation_checkpointing": train.gradient_checkpointing,
+        "torch_compile": train.torch_compile,
+        "dataloader_num_workers": train.dataloader_workers,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "use_cpu": not has_accelerator(),  # also what makes torchrun on CPUs a gloo DDP run
+        "seed": seed,
+        "data_seed": seed,
+        "report_to": "none",
+        "disable_tqdm": True,  # llmkit shows its own progress
+        **strategy,
+        **overrides,
+    })
+
+
+def language_model_trainer(recipe: Recipe, model, tokenizer, args, train_blocks, eval_blocks, tokens_per_char,
+                           callbacks: list):
+    """The Trainer of a language model on packed blocks (pretraining, and the recovery fine-tune after
+    pruning); `callbacks` come on top of progress display and samples."""
+    from transformers import DataCollatorForLanguageModeling, PrinterCallback
+
+    if recipe.train.objective == "mlm":
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=recipe.train.mlm_probability)
+    else:
+        collator = collate_blocks
+    tokens_per_step = recipe.data.block_size * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    callbacks = [Progress(tokens_per_step), *callbacks]
+    if recipe.train.objective == "causal" and recipe.distributed.strategy == "ddp":
+        callbacks.append(ShowSamples(tokenizer, recipe.generate, recipe.run.seed))
+    trainer = LlmkitTrainer(model=model, args=args, train_dataset=train_blocks.with_format("torch"),
+                            eval_dataset=eval_blocks.with_format("torch"),
+                            data_collator=collator, callbacks=callbacks, tokens_per_char=tokens_per_char)
+    trainer.remove_callback(PrinterCallback)  # Progress prints instead
+    return trainer
+
+
+# ---------------------------------------------------------------- a run from start to finish
+
+
+@contextlib.contextmanager
+def run_folder(recipe: Recipe, overwrite: bool, resume: bool, force: bool) -> Iterator[rundir.RunFolder]:
+    """The run's folder (rundir.RunFolder: a new run is written aside and swapped in once complete); with
+    `resume`, the recipe is first checked against the run's (`force`: accept keys that differ)."""
+    run_dir = rundir.run_dir_for(recipe.run.output_dir, recipe.run.name)
+    with rundir.RunFolder(run_dir, overwrite, resume) as folder:
+        if resume:
+            check_resume_recipe(recipe, run_dir, force)
+        yield folder
+
+
+def start_run(folder: rundir.RunFolder, recipe: Recipe, args, resume: bool, data_fingerprint: str,
+              tokenizer=None) -> None:
+    """Once everything that can refuse the input has run: a new run's recipe and provenance (and tokenizer)
+    are written by the main process while the others wait."""
+    with args.main_process_first(desc="run directory"):
+        if args.process_index == 0 and not resume:
+            folder.start(recipe_to_toml(recipe), rundir.provenance(data_fingerprint, args.world_size))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder.work_dir)
+
+
 def train_resumably(trainer, run_dir: Path, resume: bool, command: str) -> None:
     """Train, from the run's newest complete checkpoint when resuming; every checkpoint is sealed once
     written; Ctrl-C or SIGTERM saves a checkpoint and raises Interrupted, which says how to continue."""
-    from llmkit import rundir
-    from llmkit.errors import Interrupted
-
     stopper = StopOnInterrupt()
     trainer.add_callback(stopper)
     trainer.add_callback(SealCheckpoints())
@@ -84,8 +235,6 @@ SAFE_ON_RESUME = ("train.max_steps", "train.epochs", "train.eval_every", "train.
 def check_resume_recipe(recipe, run_dir: Path, force: bool) -> None:
     """Continuing a run with another recipe: the keys in SAFE_ON_RESUME may differ (reported); any other
     difference is refused unless forced, naming the keys."""
-    from llmkit.recipe import load_recipe, recipe_to_dict
-
     saved_file = run_dir / "recipe.toml"
     if not saved_file.is_file():
         return
@@ -109,121 +258,3 @@ def flat(tables: dict, prefix: str = "") -> dict:
         else:
             rows[f"{prefix}{key}"] = value
     return rows
-
-
-class SealCheckpoints(TrainerCallback):
-    """Seal each checkpoint once Trainer has written all of it: only sealed, intact checkpoints resume."""
-
-    def on_save(self, args, state, control, **kwargs):
-        from llmkit.rundir import seal_checkpoint
-
-        if state.is_world_process_zero:
-            seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-
-class MetricsFile(TrainerCallback):
-    """Append every log row (training loss, evaluation metrics) to metrics.jsonl."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            append_jsonl(self.path, {"step": state.global_step, **logs})
-
-
-class StopOnInterrupt(TrainerCallback):
-    """First Ctrl-C or SIGTERM (what schedulers and `docker stop` send): finish the current step, save a
-    checkpoint, stop. A second one aborts."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.interrupted = False
-        self.previous_handlers = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.previous_handlers = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
-
-    def handle(self, signum, frame):
-        self.interrupted = True
-        self.restore()
-        console.print(f"\n[yellow]{signal.Signals(signum).name}: saving a checkpoint after this step "
-                      f"(again to abort)[/]")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.interrupted:
-            control.should_save = True
-            control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.restore()
-
-    def restore(self) -> None:
-        for number, handler in self.previous_handlers.items():
-            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
-        self.previous_handlers = {}
-
-
-class ShowSamples(TrainerCallback):
-    """After each evaluation, print continuations of the recipe's prompts: people watch them improve."""
-
-    def __init__(self, tokenizer, settings: GenerateSettings, seed: int):
-        self.tokenizer, self.settings, self.seed = tokenizer, settings, seed
-
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and model is not None and self.settings.prompts:
-            for text in continue_prompts(model, self.tokenizer, self.settings.prompts, self.settings, self.seed):
-                console.print(f"  [dim]sample:[/] {text}", markup=True, highlight=False)
-
-
-class Progress(TrainerCallback):
-    """Step, loss, tokens/s and ETA: a live bar on a terminal, plain lines in logs and CI."""
-
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
-        self.bar = None
-        self.task = None
-        self.last_time = self.last_step = None
-        self.fields = {"loss": float("nan"), "tps": 0.0}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        self.last_time, self.last_step = time.perf_counter(), state.global_step
-        if console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-                                TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
-            self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step, **self.fields)
-            self.bar.start()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(self.task, completed=state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        if "loss" in logs:
-            now = time.perf_counter()
-            steps = state.global_step - self.last_step
-            self.fields = {"loss": logs["loss"], "tps": steps * self.tokens_per_step / max(now - self.last_time, 1e-9)}
-            self.last_time, self.last_step = now, state.global_step
-            if self.bar is not None:
-                self.bar.update(self.task, **self.fields)
-            else:
-                console.print(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
-                              f"lr {logs.get('learning_rate', 0):.2e}  {self.fields['tps']:,.0f} tok/s",
-                              highlight=False)
-        if "eval_loss" in logs:
-            parts = [f"eval loss {logs['eval_loss']:.4f}"]
-            parts += [f"{label} {logs[key]:.4f}" for key, label in SHOWN_METRICS.items() if key in logs]
-            console.print(f"step {state.global_step}: " + "  ".join(parts), highlight=False)
-            self.last_time = time.perf_counter()  # evaluation time is not training throughput
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.stop()

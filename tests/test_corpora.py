@@ -3,7 +3,8 @@ import re
 import pytest
 
 from llmkit.corpora import BUILTIN_DATASETS, peoples_daily
-from llmkit.data import load_rows, split_documents
+from llmkit.data import load_rows
+from llmkit.splits import split_documents
 from llmkit.errors import LlmkitError
 
 SENTIMENT, PLACES = "判断下面评论的情感（正面或负面）：", "找出下面句子中的地名："

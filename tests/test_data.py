@@ -1,11 +1,15 @@
+"""Reading data sources and packing them into blocks (llmkit/data.py), and the held-out rule of text
+corpora (llmkit/splits.py)."""
+
 import json
 import re
 
 import pytest
 
-from llmkit.data import count_chars, fingerprint, load_documents, load_text_splits, pack_blocks, split_documents
+from llmkit.data import fingerprint, load_documents, load_text_splits, pack_blocks
 from llmkit.errors import LlmkitError
 from llmkit.settings import DataSettings, TokenizerSettings
+from llmkit.splits import count_chars, split_documents
 from llmkit.tokenizer import train_tokenizer
 
 DOCS = [f"第{i}篇 document {i}" + "。" * (i % 3) for i in range(20)]

@@ -1,4 +1,7 @@
-"""llmkit eval on tiny random models: each scorer against a direct computation, errors, the CLI."""
+"""llmkit eval on tiny random models: each scorer against a direct computation, errors, the CLI. Covers
+llmkit/evaluate.py and the scorers of the task modules (llmkit/task_kinds/perplexity.py, llmkit/task_kinds/generation.py,
+and the score() of llmkit/task_kinds/classification.py, llmkit/task_kinds/token_classification.py and
+llmkit/task_kinds/extractive_qa.py, with their shared forward pass, llmkit/task_kinds/common.py)."""
 
 import json
 import math
@@ -12,7 +15,7 @@ from llmkit.cli import app
 from llmkit.errors import LlmkitError
 from llmkit.evaluate import run
 from llmkit.metrics import classification_metrics
-from llmkit.models import load_model
+from llmkit.loading import load_model
 from llmkit.recipe import toml_value
 from tests.conftest import char_tokenizer, save_tiny_model
 
@@ -75,7 +78,7 @@ def test_builtin_corpus_is_scored_on_its_held_out_tail(causal_dir, tmp_path):
 
 def held_out_documents():
     from llmkit.corpora import peoples_daily
-    from llmkit.data import split_documents
+    from llmkit.splits import split_documents
 
     return split_documents([row["text"] for row in peoples_daily()], 0.1)[1]
 
@@ -157,7 +160,7 @@ def test_extractive_qa_picks_the_best_span_inside_the_context(tmp_path):
 
 
 def test_generation_scores_greedy_continuations(causal_dir, tmp_path):
-    from llmkit.generate import generate_batch
+    from llmkit.generation import generate_batch
     from llmkit.metrics import generation_metrics
     from llmkit.settings import GenerateSettings
 

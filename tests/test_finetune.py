@@ -1,6 +1,7 @@
 """llmkit finetune on a tiny Llama base: every task x method trains (the trained parameters move, the loss
 falls, QLoRA's base is 4-bit) and reloads, merged adapters (also by `--merge`), text pairs, labels, bad input
-through the CLI, class weights, distillation, epochs, early stopping, best checkpoint, resume."""
+through the CLI, class weights, distillation, epochs, early stopping, best checkpoint, resume. Covers
+llmkit/finetune.py and the PEFT glue it uses, llmkit/adapters.py."""
 
 import hashlib
 import json
@@ -20,7 +21,8 @@ from llmkit import finetune, load_recipe
 from llmkit.cli import app
 from llmkit.corpora import peoples_daily
 from llmkit.errors import Interrupted
-from llmkit.finetune import TASK_HEADS, FinetuneTrainer
+from llmkit import tasks
+from llmkit.training import LlmkitTrainer
 from llmkit.settings import DistillSettings, FinetuneSettings
 from llmkit.task_data import TaskData
 from llmkit.training import StopOnInterrupt
@@ -89,7 +91,7 @@ def data(tmp_path_factory) -> dict[str, str]:
 
 def overrides(base, data, output_dir, name, task="classification", method="full", *more) -> list[str]:
     # fp32: these tests compare trained, reloaded and recomputed outputs to 1e-4 and closer; `auto` trains
-    # in bf16 on CPUs with native bf16 (llmkit.precision, tested on its own).
+    # in bf16 on CPUs with native bf16 (llmkit.devices, tested on its own).
     return [f"finetune.task={task}", f"finetune.method={method}", f"finetune.source={data[task]}",
             f"finetune.test_source={data[task + ':test']}", f"model.path={base}", "finetune.max_length=48",
             "finetune.num_virtual_tokens=4", "train.max_steps=2", "train.batch_size=8", "train.eval_every=2",
@@ -188,11 +190,11 @@ def probe(model, tokenizer, task: str) -> dict:
 
 
 def reload_and_probe(run_dir: str, task: str) -> dict:
-    """Load a run as every command does (llmkit.models.load_model) and probe it; in fp32, the precision it
+    """Load a run as every command does (llmkit.loading.load_model) and probe it; in fp32, the precision it
     was trained in (`auto` would load it in bf16 on a GPU)."""
-    from llmkit.models import load_model
+    from llmkit.loading import load_model
 
-    model, tokenizer = load_model(run_dir, head=TASK_HEADS[task], dtype="float32")
+    model, tokenizer = load_model(run_dir, head=tasks.TASKS[task].head, dtype="float32")
     return probe(model, tokenizer, task)
 
 
@@ -211,7 +213,8 @@ def trained_adapter_on_fp32_base(recipe, trained):
 
     import peft
 
-    from llmkit.finetune import build_task_model, task_tokenizer
+    from llmkit.finetune import task_tokenizer
+    from llmkit.loading import build_task_model
     from llmkit.task_data import load_task_data
 
     data = load_task_data(recipe.finetune, recipe.run.seed)
@@ -467,9 +470,9 @@ def tiny_classifier(vocab_size: int, layers: int = 1, seed: int = 0):
     return LlamaForSequenceClassification(config).eval()
 
 
-def bare_trainer(**attributes) -> FinetuneTrainer:
-    """A FinetuneTrainer with only the attributes its losses read."""
-    trainer = FinetuneTrainer.__new__(FinetuneTrainer)
+def bare_trainer(**attributes) -> LlmkitTrainer:
+    """An LlmkitTrainer with only the attributes its losses read."""
+    trainer = LlmkitTrainer.__new__(LlmkitTrainer)
     vars(trainer).update(attributes)
     return trainer
 
@@ -505,7 +508,7 @@ def teacher(base, data, tmp_path_factory) -> Path:
 def test_distillation_loss_at_alpha_1_is_t2_times_kl_from_the_teacher(teacher):
     import torch.nn.functional as F
 
-    from llmkit.models import load_model
+    from llmkit.loading import load_model
 
     teacher_model, tokenizer = load_model(str(teacher), head="sequence-classification")
     tokenizer.padding_side = "right"
@@ -559,9 +562,9 @@ def test_token_level_distillation_averages_the_kl_over_the_positions_that_carry_
 def test_distillation_run_trains_a_student_on_the_teachers_tokenizer(base, data, tmp_path, teacher):
     import torch.nn.functional as F
 
-    from llmkit.evaluate import SCORERS
-    from llmkit.models import load_model
+    from llmkit.loading import load_model
     from llmkit.task_data import collator, encode, eval_task, load_task_data
+    from llmkit.task_data import score
     from llmkit.tokenizer import load_tokenizer
 
     recipe = load_recipe(None, [*overrides("", data, tmp_path / "runs", "student"), 'model.path=""',
@@ -583,7 +586,7 @@ def test_distillation_run_trains_a_student_on_the_teachers_tokenizer(base, data,
     # over the validation batch (5 rows, one batch, padded on the right as in training).
     student, tokenizer = load_model(str(run_dir), head="sequence-classification")
     data = load_task_data(recipe.finetune, recipe.run.seed)
-    scores = SCORERS["classification"](student, tokenizer, eval_task(recipe.finetune, recipe.finetune.source),
+    scores = score(student, tokenizer, eval_task(recipe.finetune, recipe.finetune.source),
                                        data.validation, 16)
     assert result.validation_metrics["accuracy"] == scores["accuracy"]
     tokenizer.padding_side = "right"
@@ -636,9 +639,9 @@ def test_early_stopping_ends_training_when_the_metric_stops_improving(base, data
 
 @pytest.mark.slow
 def test_best_checkpoint_by_the_recipe_metric_is_kept(base, data, tmp_path):
-    from llmkit.evaluate import SCORERS
-    from llmkit.models import load_model
+    from llmkit.loading import load_model
     from llmkit.task_data import eval_task, load_task_data
+    from llmkit.task_data import score
 
     # A learning rate high enough for the validation loss to go up and down.
     more = ["finetune.metric=loss", "train.learning_rate=0.05", "train.max_steps=6", "train.eval_every=1"]
@@ -653,7 +656,7 @@ def test_best_checkpoint_by_the_recipe_metric_is_kept(base, data, tmp_path):
     recipe = load_recipe(result.run_dir / "recipe.toml")
     validation = load_task_data(recipe.finetune, recipe.run.seed).validation
     model, tokenizer = load_model(str(result.run_dir), head="sequence-classification")
-    scores = SCORERS["classification"](model, tokenizer, eval_task(recipe.finetune, recipe.finetune.source),
+    scores = score(model, tokenizer, eval_task(recipe.finetune, recipe.finetune.source),
                                        validation, 16)
     assert scores["accuracy"] == best["eval_accuracy"]
 
@@ -707,7 +710,7 @@ def test_bf16_training_scores_the_test_split_with_the_model_as_saved(base, data,
     by the model as saved and as `llmkit eval` loads it, in fp32, not through that wrapper."""
     import torch
 
-    from llmkit.models import load_model
+    from llmkit.loading import load_model
 
     class KeepModel(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kwargs):

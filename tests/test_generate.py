@@ -1,4 +1,6 @@
-"""llmkit generate: on a tiny random llama with a char tokenizer (no training, no download)."""
+"""llmkit generate, on a tiny random llama with a char tokenizer (no training, no download). Covers the
+command (llmkit/generate.py), the generation library under it (llmkit/generation.py) and the attention
+heatmaps of llmkit/report.py."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from llmkit.settings import GenerateSettings
 
 torch = pytest.importorskip("torch")
 
-from llmkit import generate as gen  # noqa: E402
-from llmkit import models  # noqa: E402
+from llmkit import generate, loading, report  # noqa: E402
+from llmkit.generation import ChatSession, generate_batch, generate_text  # noqa: E402
 from tests.conftest import char_tokenizer, save_tiny_model  # noqa: E402
 
 runner = CliRunner()
@@ -40,7 +42,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
-    return models.load_model(str(tiny_dir))
+    return loading.load_model(str(tiny_dir))
 
 
 def test_seeded_sampling_is_reproducible_and_seed_matters(tiny):
@@ -50,8 +52,8 @@ def test_seeded_sampling_is_reproducible_and_seed_matters(tiny):
     prompt_length = len(tokenizer("昨天天气很")["input_ids"])
     texts = []
     for seed in range(5):
-        first = gen.generate_text(model, tokenizer, "昨天天气很", SAMPLE, seed=seed)
-        assert gen.generate_text(model, tokenizer, "昨天天气很", SAMPLE, seed=seed).text == first.text
+        first = generate_text(model, tokenizer, "昨天天气很", SAMPLE, seed=seed)
+        assert generate_text(model, tokenizer, "昨天天气很", SAMPLE, seed=seed).text == first.text
         assert first.new_tokens == len(first.ids) - prompt_length == SAMPLE.max_new_tokens
         texts.append(first.text)
     assert len(set(texts)) == len(texts)
@@ -59,9 +61,9 @@ def test_seeded_sampling_is_reproducible_and_seed_matters(tiny):
 
 def test_stop_string_cuts_text_and_ends_generation(tiny):
     model, tokenizer = tiny
-    full = gen.generate_text(model, tokenizer, "今天", GREEDY).text
+    full = generate_text(model, tokenizer, "今天", GREEDY).text
     stop = full[3]
-    stopped = gen.generate_text(model, tokenizer, "今天", replace(GREEDY, stop=[stop]))
+    stopped = generate_text(model, tokenizer, "今天", replace(GREEDY, stop=[stop]))
     assert stopped.text == full[:full.index(stop)]
     assert stopped.new_tokens <= full.index(stop) + 1 < GREEDY.max_new_tokens
 
@@ -70,8 +72,8 @@ def test_streaming_equals_non_streaming_greedy(tiny):
     model, tokenizer = tiny
     for settings in (GREEDY, replace(GREEDY, stop=["\u3002"])):
         pieces: list[str] = []
-        streamed = gen.generate_text(model, tokenizer, "我们", settings, stream=pieces.append)
-        plain = gen.generate_text(model, tokenizer, "我们", settings)
+        streamed = generate_text(model, tokenizer, "我们", settings, stream=pieces.append)
+        plain = generate_text(model, tokenizer, "我们", settings)
         assert "".join(pieces) == streamed.text == plain.text
         assert len(pieces) > 1 and streamed.first_token_seconds is not None
 
@@ -79,11 +81,11 @@ def test_streaming_equals_non_streaming_greedy(tiny):
 def test_batch_matches_single_prompts_with_left_padding(tiny):
     model, tokenizer = tiny
     prompts = ["昨天天气很", "今天", "我们的国家"]
-    batched = gen.generate_batch(model, tokenizer, prompts, GREEDY, batch_size=2)
-    single = [gen.generate_text(model, tokenizer, p, GREEDY).text for p in prompts]
+    batched = generate_batch(model, tokenizer, prompts, GREEDY, batch_size=2)
+    single = [generate_text(model, tokenizer, p, GREEDY).text for p in prompts]
     assert [texts[0] for texts in batched] == single
     with pytest.raises(LlmkitError, match="prompt 2: empty prompt"):
-        gen.generate_batch(model, tokenizer, ["a", " "], GREEDY)
+        generate_batch(model, tokenizer, ["a", " "], GREEDY)
 
 
 def test_batch_files_keep_fields_and_order(tiny, tmp_path):
@@ -91,20 +93,20 @@ def test_batch_files_keep_fields_and_order(tiny, tmp_path):
     source = tmp_path / "prompts.jsonl"
     source.write_text('{"id": 1, "prompt": "今天"}\n\n{"id": 2, "prompt": "我们", "tag": "x"}\n', encoding="utf-8")
     out = tmp_path / "results.jsonl"
-    gen.run_batch(model, tokenizer, source, out, GREEDY)
+    generate.run_batch(model, tokenizer, source, out, GREEDY)
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [(r["id"], r["prompt"]) for r in rows] == [(1, "今天"), (2, "我们")] and rows[1]["tag"] == "x"
-    assert rows[0]["generated"] == gen.generate_text(model, tokenizer, "今天", GREEDY).text
+    assert rows[0]["generated"] == generate_text(model, tokenizer, "今天", GREEDY).text
     text_source = tmp_path / "prompts.txt"
     text_source.write_text("今天\n我们\n", encoding="utf-8")
     text_out = tmp_path / "results.txt"
-    gen.run_batch(model, tokenizer, text_source, text_out, GREEDY)
+    generate.run_batch(model, tokenizer, text_source, text_out, GREEDY)
     lines = text_out.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2 and lines[0].startswith("今天") and lines[1].startswith("我们")
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"prompt": "a"}\n{"prompt": \n', "bad.jsonl:2: not valid JSON"),
+    ('{"prompt": "a"}\n{"prompt": \n', "bad.jsonl:2: not a JSON object"),
     ('{"text": "a"}\n', "bad.jsonl:1: no 'prompt' field"),
     ('{"prompt": ""}\n', "bad.jsonl:1: empty prompt"),
 ])
@@ -112,7 +114,7 @@ def test_bad_input_line_is_named(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(LlmkitError, match=message):
-        gen.read_prompts(path)
+        generate.read_prompts(path)
 
 
 def test_adapter_directory_loads_onto_its_base(tiny_dir, tmp_path):
@@ -123,12 +125,12 @@ def test_adapter_directory_loads_onto_its_base(tiny_dir, tmp_path):
     lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model, tokenizer = models.load_model(str(tmp_path / "adapter"))
+    model, tokenizer = loading.load_model(str(tmp_path / "adapter"))
     ids = torch.tensor([tokenizer("今天")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, lora(ids).logits, atol=1e-5)
         assert not torch.allclose(model(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_dir)(ids).logits)
-    assert gen.generate_text(model, tokenizer, "今天", GREEDY).text
+    assert generate_text(model, tokenizer, "今天", GREEDY).text
 
 
 def test_quantized_directory_loads_as_saved(tmp_path):
@@ -142,7 +144,7 @@ def test_quantized_directory_loads_as_saved(tmp_path):
     (tmp_path / "int8" / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
     (tmp_path / "int8" / "tokenizer_config.json").write_bytes((source / "tokenizer_config.json").read_bytes())
     assert "quantization_config" in json.loads((tmp_path / "int8" / "config.json").read_text())
-    model, tokenizer = models.load_model(str(tmp_path / "int8"))
+    model, tokenizer = loading.load_model(str(tmp_path / "int8"))
     assert getattr(model, "is_loaded_in_8bit", False) or model.config.quantization_config
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
     # The saved weights, not a fresh init: int8 logits stay within rounding of the fp32 model's (~0.007
@@ -151,13 +153,13 @@ def test_quantized_directory_loads_as_saved(tmp_path):
     with torch.no_grad():
         full = AutoModelForCausalLM.from_pretrained(source)(ids).logits
         assert torch.allclose(model(ids).logits.float(), full, atol=0.05)
-    assert gen.generate_text(model, tokenizer, "今天", GREEDY).new_tokens == GREEDY.max_new_tokens
+    assert generate_text(model, tokenizer, "今天", GREEDY).new_tokens == GREEDY.max_new_tokens
 
 
 def test_chat_template_applied_to_history(tiny_dir, tmp_path):
-    model, tokenizer = models.load_model(str(tiny_dir))
+    model, tokenizer = loading.load_model(str(tiny_dir))
     tokenizer.chat_template = CHAT_TEMPLATE
-    session = gen.ChatSession(model, tokenizer, GREEDY, seed=0)
+    session = ChatSession(model, tokenizer, GREEDY, seed=0)
     first = session.reply("你好")
     expected = f"<s>user:你好\n<s>assistant:{first.text}\n<s>user:再见\n<s>assistant:"
     session.history.append({"role": "user", "content": "再见"})
@@ -170,7 +172,7 @@ def test_chat_template_applied_to_history(tiny_dir, tmp_path):
 
 def test_chat_without_template_continues_history_as_text(tiny):
     model, tokenizer = tiny
-    session = gen.ChatSession(model, tokenizer, GREEDY)
+    session = ChatSession(model, tokenizer, GREEDY)
     assert not session.templated
     reply = session.reply("你好")
     session.history.append({"role": "user", "content": "再见"})
@@ -199,10 +201,10 @@ def test_latest_run_is_the_default(tiny_dir, tmp_path, monkeypatch):
     run.parent.mkdir()
     run.symlink_to(tiny_dir, target_is_directory=True)
     point_latest(run)
-    assert Path(models.resolve_model(None, "elsewhere")).resolve() == tiny_dir.resolve()
+    assert Path(loading.resolve_model(None, "elsewhere")).resolve() == tiny_dir.resolve()
     (tmp_path / "elsewhere" / "latest").unlink()
     (tmp_path / "elsewhere" / "latest").write_text("my-run\n")  # where symlinks are not available
-    assert models.resolve_model(None, "elsewhere") == str(Path("elsewhere") / "my-run")
+    assert loading.resolve_model(None, "elsewhere") == str(Path("elsewhere") / "my-run")
     result = runner.invoke(app, ["generate", "--set", "run.output_dir=elsewhere", "--prompt", "今天",
                                  "--greedy", "--max-new-tokens", "4"])
     assert result.exit_code == 0 and result.stdout.startswith("今天")
@@ -214,7 +216,7 @@ def test_cli_generates_clean_stdout_and_summary_on_stderr(tiny_dir, tiny, recipe
     result = runner.invoke(app, ["generate", str(recipe), "--model", str(tiny_dir), "--prompt", "今天",
                                  "--max-new-tokens", "6"])
     assert result.exit_code == 0
-    expected = "今天" + gen.generate_text(model, tokenizer, "今天", replace(GREEDY, max_new_tokens=6)).text
+    expected = "今天" + generate_text(model, tokenizer, "今天", replace(GREEDY, max_new_tokens=6)).text
     assert result.stdout == expected + "\n"
     assert "new tokens" in result.stderr and "tokens/s" in result.stderr and "first token" in result.stderr
 
@@ -226,7 +228,7 @@ def test_cli_seeds_and_stop(tiny_dir, tiny):
     assert one == same != other
     # --seed reaches the generation: the library with that seed (and the CLI's defaults) writes the same text
     settings = GenerateSettings(temperature=1.0, top_k=0, max_new_tokens=6)
-    assert one == "今天" + gen.generate_text(*tiny, "今天", settings, seed=3).text + "\n"
+    assert one == "今天" + generate_text(*tiny, "今天", settings, seed=3).text + "\n"
     greedy = runner.invoke(app, args + ["--greedy"]).stdout.rstrip("\n")
     stopped = runner.invoke(app, args + ["--greedy", "--stop", greedy[4], "--stop", "never"]).stdout
     assert stopped == greedy[:greedy.index(greedy[4])] + "\n"
@@ -238,7 +240,7 @@ def test_cli_seeds_and_stop(tiny_dir, tiny):
     (["--prompt", "x", "--device", "tpu"], "error: --device: generate.device must be one of"),
     (["--prompt", "x", "--dtype", "float8"], "error: --dtype: generate.dtype must be one of"),
     (["--prompt", "x", "--model", "tests"], "error: tests: not a model (no config.json or adapter_config.json)"),
-    (["--input", "BAD"], "bad.jsonl:2: not valid JSON"),
+    (["--input", "BAD"], "bad.jsonl:2: not a JSON object"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tiny_dir, tmp_path, args, message):
     bad = tmp_path / "bad.jsonl"
@@ -283,8 +285,8 @@ def test_cli_attention_plot_draws_the_generated_text(tiny_dir, tmp_path, monkeyp
     from PIL import Image
 
     plotted, heatmaps = [], []
-    real_plot, real_imshow = gen.plot_attention, Axes.imshow
-    monkeypatch.setattr(gen, "plot_attention", lambda tokens, weights, *args: plotted.append((tokens, weights))
+    real_plot, real_imshow = report.plot_attention, Axes.imshow
+    monkeypatch.setattr(report, "plot_attention", lambda tokens, weights, *args: plotted.append((tokens, weights))
                         or real_plot(tokens, weights, *args))
     monkeypatch.setattr(Axes, "imshow", lambda axes, *args, **kwargs: heatmaps.append(axes)
                         or real_imshow(axes, *args, **kwargs))
@@ -323,7 +325,7 @@ def test_attention_plot_draws_the_chosen_layer_and_head(tiny, tmp_path, monkeypa
     from matplotlib.axes import Axes
 
     model, tokenizer = tiny
-    tokens, weights = gen.attention_weights(model, tokenizer, tokenizer("昨天天气很")["input_ids"])
+    tokens, weights = report.attention_weights(model, tokenizer, tokenizer("昨天天气很")["input_ids"])
     drawn = []
     real_imshow = Axes.imshow
     monkeypatch.setattr(Axes, "imshow", lambda axes, matrix, *args, **kwargs: drawn.append(torch.tensor(matrix))
@@ -333,12 +335,12 @@ def test_attention_plot_draws_the_chosen_layer_and_head(tiny, tmp_path, monkeypa
              ((None, 1), [weights[0, 1], weights[1, 1]])]
     for (layer, head), expected in cases:
         drawn.clear()
-        gen.plot_attention(tokens, weights, tmp_path / "attn.png", layer, head)
+        report.plot_attention(tokens, weights, tmp_path / "attn.png", layer, head)
         assert len(drawn) == len(expected) and all(torch.equal(a, b) for a, b in zip(drawn, expected)), (layer, head)
     # so that picking a head or a layer shows something else
     assert not torch.allclose(weights[1, 0], weights[1, 1]) and not torch.allclose(weights[0, 1], weights[1, 1])
     with pytest.raises(LlmkitError, match="--attention-head 2: the model has heads 0..1"):
-        gen.plot_attention(tokens, weights, tmp_path / "attn.png", 0, 2)
+        report.plot_attention(tokens, weights, tmp_path / "attn.png", 0, 2)
 
 
 def test_attention_weights_are_causal_distributions_of_the_model(tiny, tiny_dir):
@@ -347,8 +349,8 @@ def test_attention_weights_are_causal_distributions_of_the_model(tiny, tiny_dir)
     model, tokenizer = tiny
     before = model.config._attn_implementation
     assert before != "eager"  # loaded with a fused kernel, which returns no weights
-    generation = gen.generate_text(model, tokenizer, "昨天", GREEDY)
-    tokens, weights = gen.attention_weights(model, tokenizer, generation.ids)
+    generation = generate_text(model, tokenizer, "昨天", GREEDY)
+    tokens, weights = report.attention_weights(model, tokenizer, generation.ids)
     n = len(generation.ids)
     assert len(tokens) == n and weights.shape == (2, 2, n, n)  # layers x heads x query x key
     # each query's weights are a distribution over the keys up to itself
@@ -362,7 +364,7 @@ def test_attention_weights_are_causal_distributions_of_the_model(tiny, tiny_dir)
     assert torch.allclose(weights, torch.stack([layer[0] for layer in reference]), atol=1e-5)
     # eager attention is only for the plot: the model goes back to its kernel and generates as before
     assert model.config._attn_implementation == before
-    assert gen.generate_text(model, tokenizer, "昨天", GREEDY).ids == generation.ids
+    assert generate_text(model, tokenizer, "昨天", GREEDY).ids == generation.ids
 
 
 def test_attention_weights_restore_the_kernel_after_an_error(tiny, monkeypatch):
@@ -375,7 +377,7 @@ def test_attention_weights_restore_the_kernel_after_an_error(tiny, monkeypatch):
 
     monkeypatch.setattr(type(model), "forward", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
-        gen.attention_weights(model, tokenizer, [0, 5, 6])
+        report.attention_weights(model, tokenizer, [0, 5, 6])
     assert model.config._attn_implementation == before
 
 
@@ -392,8 +394,8 @@ def sequence_logprob(model, ids: list[int], prompt_length: int) -> float:
 def test_beam_search_is_transformers_beam_search(tiny):
     model, tokenizer = tiny
     prompt = "昨天天气很"
-    beam = gen.generate_text(model, tokenizer, prompt, replace(GREEDY, num_beams=4))
-    greedy = gen.generate_text(model, tokenizer, prompt, GREEDY)
+    beam = generate_text(model, tokenizer, prompt, replace(GREEDY, num_beams=4))
+    greedy = generate_text(model, tokenizer, prompt, GREEDY)
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         expected = model.generate(**inputs, num_beams=4, do_sample=False, max_new_tokens=GREEDY.max_new_tokens)
@@ -409,21 +411,21 @@ def test_beam_search_returns_the_best_beams_per_prompt(tiny):
     model, tokenizer = tiny
     settings = replace(GREEDY, num_beams=4, num_return_sequences=3)
     prompts = ["昨天天气很", "今天", "我们的国家"]
-    single = [gen.generate_text(model, tokenizer, p, settings) for p in prompts]
+    single = [generate_text(model, tokenizer, p, settings) for p in prompts]
     for generation, prompt in zip(single, prompts):
         # 3 different beams, the best first: the one a single-sequence beam search returns
-        best = gen.generate_text(model, tokenizer, prompt, replace(settings, num_return_sequences=1))
+        best = generate_text(model, tokenizer, prompt, replace(settings, num_return_sequences=1))
         assert len(set(generation.texts)) == 3 and generation.text == best.text
     # batched: each prompt gets its own 3 beams, in order
-    assert gen.generate_batch(model, tokenizer, prompts, settings, batch_size=2) == [g.texts for g in single]
+    assert generate_batch(model, tokenizer, prompts, settings, batch_size=2) == [g.texts for g in single]
 
 
 def test_num_return_sequences_samples_distinct_continuations(tiny):
     model, tokenizer = tiny
     settings = replace(SAMPLE, num_return_sequences=3)
-    generation = gen.generate_text(model, tokenizer, "今天", settings, seed=0)
+    generation = generate_text(model, tokenizer, "今天", settings, seed=0)
     assert len(generation.texts) == len(set(generation.texts)) == 3 and generation.new_tokens == 3 * 8
-    batched = gen.generate_batch(model, tokenizer, ["今天", "我们的国家"], settings, seed=0)
+    batched = generate_batch(model, tokenizer, ["今天", "我们的国家"], settings, seed=0)
     assert [len(texts) for texts in batched] == [3, 3] and len({t for texts in batched for t in texts}) == 6
 
 
@@ -432,7 +434,7 @@ def test_cli_num_return_sequences_writes_one_line_each(tiny_dir, tiny):
             "--max-new-tokens", "6", "--seed", "5"]
     # the library with the same seed and settings (the CLI's defaults for the rest) gives these 3 texts
     settings = GenerateSettings(temperature=1.0, top_k=0, max_new_tokens=6, num_return_sequences=3)
-    texts = gen.generate_text(*tiny, "今天", settings, seed=5).texts
+    texts = generate_text(*tiny, "今天", settings, seed=5).texts
     assert len(set(texts)) == 3
     for flag in ("-n", "--num-return-sequences"):
         result = runner.invoke(app, args + [flag, "3"])
@@ -443,25 +445,25 @@ def test_cli_num_return_sequences_writes_one_line_each(tiny_dir, tiny):
 @pytest.mark.parametrize("dtype, expected", [("bfloat16", "bfloat16"), ("float32", "float32"),
                                              ("auto", "float32")])  # auto: fp32 on the CPU
 def test_dtype_loads_the_parameters_in_it(tiny_dir, dtype, expected):
-    model, tokenizer = models.load_model(str(tiny_dir), device="cpu", dtype=dtype)
+    model, tokenizer = loading.load_model(str(tiny_dir), device="cpu", dtype=dtype)
     assert {parameter.dtype for parameter in model.parameters()} == {getattr(torch, expected)}
-    assert gen.generate_text(model, tokenizer, "今天", GREEDY).new_tokens == GREEDY.max_new_tokens
+    assert generate_text(model, tokenizer, "今天", GREEDY).new_tokens == GREEDY.max_new_tokens
 
 
 def test_cli_dtype_reaches_the_model(tiny_dir, monkeypatch):
     loaded = []
-    real_load = gen.load_model
+    real_load = generate.load_model
 
     def load_and_keep(*args, **kwargs):
         loaded.append(real_load(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(gen, "load_model", load_and_keep)
+    monkeypatch.setattr(generate, "load_model", load_and_keep)
     for dtype in ("bfloat16", "float32"):
         result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--prompt", "今天", "--greedy",
                                      "--max-new-tokens", "4", "--dtype", dtype])
         assert result.exit_code == 0, result.output
         model, tokenizer = loaded[-1]
         assert {parameter.dtype for parameter in model.parameters()} == {getattr(torch, dtype)}
-        expected = gen.generate_text(model, tokenizer, "今天", replace(GREEDY, max_new_tokens=4)).text
+        expected = generate_text(model, tokenizer, "今天", replace(GREEDY, max_new_tokens=4)).text
         assert result.stdout == "今天" + expected + "\n"

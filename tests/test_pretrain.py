@@ -1,4 +1,7 @@
-"""End-to-end pretraining on tiny models: outputs, resume, refusal to overwrite, bad input, torchrun."""
+"""End-to-end pretraining on tiny models: outputs, resume, refusal to overwrite, bad input, torchrun.
+Covers llmkit/pretrain.py, the Trainer callbacks of llmkit/callbacks.py (progress lines, metrics file,
+Ctrl-C), the loss curve and model card of llmkit/report.py, and `python -m llmkit` (llmkit/__main__.py,
+llmkit/__init__.py)."""
 
 import hashlib
 import json

@@ -91,8 +91,8 @@ def digest(folder: Path) -> dict:
 def test_every_method_reloads_in_a_new_process_and_generates(outputs, workdir):
     script = (
         "import sys\n"
-        "from llmkit.models import load_model\n"
-        "from llmkit.generate import generate_text\n"
+        "from llmkit.loading import load_model\n"
+        "from llmkit.generation import generate_text\n"
         "from llmkit.settings import GenerateSettings\n"
         "for path in sys.argv[1:]:\n"
         "    model, tokenizer = load_model(path)\n"
@@ -115,8 +115,8 @@ def test_every_method_reloads_in_a_new_process_and_generates(outputs, workdir):
 def test_dynamic_int8_loads_int8_linears_that_compute_as_quantizing_in_process(compressed, workdir):
     import copy
 
-    from llmkit.models import load_model
-    from llmkit.quantize import quantize_dynamic_int8
+    from llmkit.loading import load_model
+    from llmkit.compression import quantize_dynamic_int8
 
     compressed("dynamic-int8")
     loaded, tokenizer = load_model(str(workdir / "dynamic-int8"), device="cpu")
@@ -286,7 +286,7 @@ def test_four_bit_keeps_narrow_layers_unquantized_and_says_so(compressed, workdi
     import bitsandbytes as bnb
     import torch
 
-    from llmkit.models import load_model
+    from llmkit.loading import load_model
 
     kept = compressed("bnb-nf4")["details"]["kept_in_full_precision"]
     assert sorted(kept["layers"]) == sorted(f"layers.{i}.{p}" for i in range(2) for p in (

@@ -9,7 +9,8 @@ import pytest
 from llmkit import settings
 from llmkit.errors import LlmkitError
 from llmkit.recipe import load_recipe
-from llmkit.settings import FINETUNE_METRICS, INT_MAX, Range
+from llmkit.settings import INT_MAX, Range
+from llmkit.tasks import FINETUNE_TASKS, selection_metrics
 
 
 def settings_classes() -> list[type]:
@@ -104,8 +105,8 @@ def test_range_reads_as_its_interval():
 
 
 def test_every_finetune_metric_is_one_the_task_reports():
-    """The names come from what llmkit.evaluate's scorers return (llmkit.metrics) plus the Trainer's loss."""
-    from llmkit.finetune import DEFAULT_METRIC
+    """The names come from what the tasks' scorers return (llmkit.metrics) plus the Trainer's loss; the
+    first is the one a run selects by when the recipe names none."""
     from llmkit.metrics import classification_metrics, entity_metrics, squad_metrics
 
     reported = {
@@ -114,7 +115,10 @@ def test_every_finetune_metric_is_one_the_task_reports():
         "extractive-qa": squad_metrics(["x"], ["x"]),
         "causal-lm": {},  # validation is the loss only
     }
-    assert set(FINETUNE_METRICS) == set(settings.FINETUNE_TASKS) == set(reported)
+    DEFAULT_METRIC = {"classification": "accuracy", "token-classification": "f1", "extractive-qa": "f1",
+                      "causal-lm": "loss"}
+    FINETUNE_METRICS = {task: selection_metrics(task) for task in FINETUNE_TASKS}
+    assert set(FINETUNE_METRICS) == set(reported)
     for task, metrics in FINETUNE_METRICS.items():
         numbers = {key for key, value in reported[task].items() if isinstance(value, float)} | {"loss"}
         assert set(metrics) <= numbers, task

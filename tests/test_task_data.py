@@ -1,5 +1,7 @@
 """Fine-tuning data without a model: hold-out, label names, row checks, features on a character
-tokenizer, and the prompt-tuning collator."""
+tokenizer, and the prompt-tuning collator. Covers llmkit/task_data.py, llmkit/splits.py (hold-out) and the
+row checks, encoders and collators of llmkit/task_kinds/classification.py, llmkit/task_kinds/token_classification.py,
+llmkit/task_kinds/extractive_qa.py and llmkit/task_kinds/causal_lm.py (their scorers: tests/test_evaluate.py)."""
 
 import json
 
@@ -7,11 +9,20 @@ import pytest
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.finetune import PLAIN_CHAT_TEMPLATE
 from llmkit.settings import FinetuneSettings
-from llmkit.task_data import (IGNORE, TaskData, answer_span, chat_messages, collator, encode, hold_out, label_names,
-                              load_task_data)
+from llmkit.splits import hold_out
+from llmkit.task_data import TaskData, collator, encode, label_names, load_task_data
+from llmkit.task_kinds import causal_lm, extractive_qa
+from llmkit.task_kinds.causal_lm import PLAIN_CHAT_TEMPLATE
+from llmkit.task_kinds.common import IGNORE
 from tests.conftest import char_tokenizer
+
+chat_messages = causal_lm.prepare_row
+
+
+def answer_span(row: dict, settings, where: str) -> dict:
+    """The answer as the QA module puts it in its row."""
+    return extractive_qa.prepare_row(dict(row), settings, where)[settings.answers_column]
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
-"""Which layers bitsandbytes' 4-bit kernels take (llmkit.bnb): the rule holds on every machine, whatever
+"""Which layers bitsandbytes' 4-bit kernels take (llmkit.compression); pruning and dynamic int8 are tested
+end to end by tests/test_quantize.py: the rule holds on every machine, whatever
 its CPU, so a recipe gives the same model everywhere."""
 
 import pytest
 import transformers
 
-from llmkit.bnb import fits_four_bit, four_bit_config, four_bit_misfits
+from llmkit.compression import fits_four_bit, four_bit_config, four_bit_misfits
 
 
 @pytest.mark.parametrize("in_features, out_features, fits", [

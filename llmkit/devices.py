@@ -1,5 +1,7 @@
-"""One precision rule for every command, training and inference: what `auto` means on this machine,
-decided from what torch reports at run time, and said with its reason.
+"""Where a model runs and in what precision: one rule for every command, training and inference. What
+`auto` means on this machine is decided from what torch reports at run time, and said with its reason.
+
+- Device: a CUDA GPU, else an Apple GPU (mps), else the CPU.
 
 - GPUs: bf16 where the GPU computes in it, else fp16 (training: mixed precision; inference: weights).
 - Apple GPUs (mps): fp16 for inference, fp32 for training.
@@ -17,8 +19,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmkit.errors import LlmkitError
+
 NATIVE_BF16 = ("amx_bf16", "avx512_bf16")  # torch.cpu.get_capabilities() keys of CPUs that compute in bf16
 NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # recipe names -> torch dtype names
+
+
+def pick_device(device: str = "auto") -> str:
+    """`device` ("auto", "cuda", "mps", "cpu") as a torch device name, refused where it is absent."""
+    import torch
+
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if (device == "cuda" and not cuda) or (device == "mps" and not mps):
+        raise LlmkitError(f"--device {device}: not available on this machine")
+    return device
+
+
+def has_accelerator() -> bool:
+    return pick_device() != "cpu"
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,16 @@ def choose(asked: str, device: str, training: bool) -> Precision:
         return Precision("fp32", "training on Apple GPUs stays in fp32") if training else Precision("fp16", "Apple GPU")
     return cpu_training_precision() if training else Precision(
         "fp32", "CPU inference: bound by memory bandwidth, bf16 is no faster and would change the outputs")
+
+
+def training_precision(asked: str) -> Precision:
+    """The precision to train in on this machine's default device."""
+    return choose(asked, pick_device(), training=True)
+
+
+def inference_dtype(dtype: str, device: str):
+    """The torch dtype to load a model in for inference: `dtype`, or for "auto" the rule above."""
+    return choose(dtype, device, training=False).dtype
 
 
 def gpu_precision() -> Precision:

@@ -1,11 +1,11 @@
-"""The precision rule (llmkit.precision), with the CPU's capabilities and the measurement mocked: the same
-assertions hold on every machine, whatever its CPU."""
+"""The device and precision rule (llmkit.devices), with the CPU's capabilities and the GPUs mocked: the
+same assertions hold on every machine, whatever its CPU."""
 
 import pytest
 import torch
 
-from llmkit import precision
-from llmkit.precision import Precision, choose
+from llmkit import devices
+from llmkit.devices import Precision, choose
 
 AVX2 = {"avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_tile": False, "amx_bf16": False}
 AVX512_BF16 = AVX2 | {"avx512_f": True, "avx512_bf16": True}
@@ -59,11 +59,11 @@ def test_gpus_use_bf16_where_they_have_it_else_fp16(monkeypatch, bf16_gpu, name)
 
 def test_torch_without_get_capabilities_means_no_native_bf16(monkeypatch):
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
-    assert precision.cpu_bf16_features() == []
+    assert devices.cpu_bf16_features() == []
 
 
 def test_training_arguments_follow_the_rule(cpu, tmp_path, monkeypatch):
-    from llmkit.builders import training_arguments
+    from llmkit.training import training_arguments
     from llmkit.recipe import load_recipe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -75,3 +75,13 @@ def test_training_arguments_follow_the_rule(cpu, tmp_path, monkeypatch):
         assert (args.bf16, args.fp16) == (bf16, False)
 
 
+def test_auto_device_is_the_first_accelerator_present_and_an_absent_one_is_refused(monkeypatch):
+    from llmkit.errors import LlmkitError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert devices.pick_device() == "mps" and devices.has_accelerator()
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert devices.pick_device("auto") == "cpu" and not devices.has_accelerator()
+    with pytest.raises(LlmkitError, match=r"^--device cuda: not available on this machine$"):
+        devices.pick_device("cuda")

@@ -1,11 +1,72 @@
-import pytest
-import torch
+"""Finding, loading and building models (llmkit.loading): a local-looking name that is not there is an
+error, never a hub download attempt; configs and models built from a recipe have the size and head asked for."""
 
-from llmkit.builders import build_model, model_config, training_arguments, training_precision
+import pytest
+
 from llmkit.errors import LlmkitError
-from llmkit.recipe import load_recipe
+from llmkit.loading import build_model, model_config, resolve_model
+from llmkit.recipe import load_recipe, looks_local
 from llmkit.settings import ModelSettings, TokenizerSettings
 from llmkit.tokenizer import train_tokenizer
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working folder with a runs/ folder in it, and a home of its own."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "runs").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["runs/nothing", "./nothing", "../nothing", "/nothing/at/all", "~/nothing",
+                                  "a/b/c", "owner/..", "owner/", "/owner"])
+def test_a_local_looking_model_that_is_not_there_is_refused(workdir, name):
+    with pytest.raises(LlmkitError, match=rf"^model not found: {name} \(no such folder\)$"):
+        resolve_model(name)
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-0.5B", "gpt2", "nothing/here"])
+def test_hub_ids_are_kept(workdir, name):
+    assert resolve_model(name) == name
+
+
+def test_runs_slash_name_is_a_hub_id_only_while_no_runs_folder_exists(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not looks_local("runs/x")
+    (tmp_path / "runs").mkdir()
+    assert looks_local("runs/x")
+
+
+def test_an_existing_model_folder_is_returned_and_one_without_a_config_refused(workdir):
+    (workdir / "runs" / "model").mkdir()
+    with pytest.raises(LlmkitError, match=r"runs/model: not a model \(no config.json"):
+        resolve_model("runs/model")
+    (workdir / "runs" / "model" / "config.json").write_text("{}", encoding="utf-8")
+    assert resolve_model("runs/model") == "runs/model"
+
+
+def test_finetune_with_a_missing_model_path_stops_before_the_hub_and_the_disk(workdir, monkeypatch):
+    """model.path goes through resolve_model: refused before any download attempt or run folder."""
+    import json
+
+    import huggingface_hub
+
+    from llmkit import finetune
+    from llmkit.recipe import load_recipe
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("tried the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    rows = [{"text": f"review {i}", "label": ["good", "bad"][i % 2]} for i in range(20)]
+    (workdir / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    recipe = load_recipe("classify", ["model.path=runs/pretrain-zh-tiny", f"finetune.source={workdir / 'rows.jsonl'}",
+                                      'finetune.test_source=""'])
+    with pytest.raises(LlmkitError, match=r"^model not found: runs/pretrain-zh-tiny \(no such folder\)$"):
+        finetune.run(recipe)
+    assert not (workdir / "runs" / "classify").exists()
+
 
 SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.max_positions=64", "data.block_size=32"]
 TEXTS = ["昨天天气很好", "今天下雨了", "明天会更好"]
@@ -117,48 +178,3 @@ def test_block_size_beyond_the_loaded_models_positions_is_refused(saved_model, c
 def test_model_path_without_a_model_is_refused(tmp_path, causal):
     with pytest.raises(LlmkitError, match=f"model.path {tmp_path}: not a model"):
         build_model(recipe(f"model.path={tmp_path}"), causal)
-
-
-# training_arguments
-
-
-def arguments(tmp_path, *overrides):
-    settings = load_recipe(None, list(overrides))
-    return training_arguments(settings.train, settings.distributed, 7, tmp_path)
-
-
-def test_training_arguments_map_the_settings(tmp_path):
-    args = arguments(tmp_path, "train.max_steps=50", "train.batch_size=4", "train.gradient_accumulation=2",
-                     "train.learning_rate=3e-4", "train.eval_every=10", "train.keep_checkpoints=3")
-    assert (args.max_steps, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (50, 4, 2)
-    assert args.learning_rate == 3e-4 and args.eval_steps == 10 and args.save_total_limit == 3
-    assert args.seed == 7 and args.data_seed == 7 and args.output_dir == str(tmp_path)
-    assert args.report_to in ([], "none", ["none"])
-
-
-def test_scheduler_is_cosine_down_to_min_lr_rate(tmp_path):
-    args = arguments(tmp_path, "train.min_lr_ratio=0.2")
-    assert args.lr_scheduler_type == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.2}
-
-
-@pytest.mark.parametrize("warmup, expected", [("0.05", 0.05), ("10.0", 10), ("10", 10)])
-def test_warmup_below_one_is_a_ratio_else_steps(warmup, expected, tmp_path):
-    steps = arguments(tmp_path, f"train.warmup_steps={warmup}").warmup_steps
-    assert steps == expected and type(steps) is type(expected)
-
-
-def test_ddp_passes_no_fsdp_nor_deepspeed(tmp_path):
-    args = arguments(tmp_path)
-    assert not args.fsdp and not args.fsdp_config and not args.deepspeed
-    assert args.bf16 is (training_precision("auto").name == "bf16") and args.fp16 is False
-
-
-def test_fsdp_strategy_passes_fsdp_options(tmp_path):
-    args = arguments(tmp_path, "distributed.strategy=fsdp",
-                     'distributed.fsdp_config={transformer_layer_cls_to_wrap = ["LlamaDecoderLayer"]}')
-    assert args.fsdp
-    assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
-
-
-def test_gradient_checkpointing_is_passed_on(tmp_path):
-    assert arguments(tmp_path, "train.gradient_checkpointing=true").gradient_checkpointing is True

@@ -1,0 +1,53 @@
+"""TrainingArguments from a recipe (llmkit.training); the Trainer, run folders and resuming are exercised
+end to end by tests/test_pretrain.py, tests/test_finetune.py and tests/test_rundir.py."""
+
+import pytest
+
+from llmkit.devices import training_precision
+from llmkit.recipe import load_recipe
+from llmkit.training import training_arguments
+
+
+# training_arguments
+
+
+def arguments(tmp_path, *overrides):
+    settings = load_recipe(None, list(overrides))
+    return training_arguments(settings.train, settings.distributed, 7, tmp_path)
+
+
+def test_training_arguments_map_the_settings(tmp_path):
+    args = arguments(tmp_path, "train.max_steps=50", "train.batch_size=4", "train.gradient_accumulation=2",
+                     "train.learning_rate=3e-4", "train.eval_every=10", "train.keep_checkpoints=3")
+    assert (args.max_steps, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (50, 4, 2)
+    assert args.learning_rate == 3e-4 and args.eval_steps == 10 and args.save_total_limit == 3
+    assert args.seed == 7 and args.data_seed == 7 and args.output_dir == str(tmp_path)
+    assert args.report_to in ([], "none", ["none"])
+
+
+def test_scheduler_is_cosine_down_to_min_lr_rate(tmp_path):
+    args = arguments(tmp_path, "train.min_lr_ratio=0.2")
+    assert args.lr_scheduler_type == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.2}
+
+
+@pytest.mark.parametrize("warmup, expected", [("0.05", 0.05), ("10.0", 10), ("10", 10)])
+def test_warmup_below_one_is_a_ratio_else_steps(warmup, expected, tmp_path):
+    steps = arguments(tmp_path, f"train.warmup_steps={warmup}").warmup_steps
+    assert steps == expected and type(steps) is type(expected)
+
+
+def test_ddp_passes_no_fsdp_nor_deepspeed(tmp_path):
+    args = arguments(tmp_path)
+    assert not args.fsdp and not args.fsdp_config and not args.deepspeed
+    assert args.bf16 is (training_precision("auto").name == "bf16") and args.fp16 is False
+
+
+def test_fsdp_strategy_passes_fsdp_options(tmp_path):
+    args = arguments(tmp_path, "distributed.strategy=fsdp",
+                     'distributed.fsdp_config={transformer_layer_cls_to_wrap = ["LlamaDecoderLayer"]}')
+    assert args.fsdp
+    assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+
+
+def test_gradient_checkpointing_is_passed_on(tmp_path):
+    assert arguments(tmp_path, "train.gradient_checkpointing=true").gradient_checkpointing is True
