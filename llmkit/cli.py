@@ -42,32 +42,42 @@ def table_options(table: str, options: dict) -> dict:
 
 
 @app.callback()
-def main_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
+def main_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+                 version: bool = typer.Option(False, "--version", is_eager=True, callback=lambda given: show_version(given),
+                                              help="Print llmkit's version and exit.")) -> None:
     debug_mode["on"] = debug
+
+
+def show_version(given: bool) -> None:
+    if given:
+        from llmkit import __version__
+
+        typer.echo(f"llmkit {__version__}")
+        raise typer.Exit()
 
 
 @contextlib.contextmanager
 def reporting_errors() -> Iterator[None]:
     """Expected failures become one line on stderr and a stable exit status."""
-    from llmkit.console import error_console
+    from llmkit.console import console
 
     try:
         yield
     except LlmkitError as error:
         if debug_mode["on"]:
             raise
-        error_console.print(f"error: {error}", markup=False)
+        console.print(f"error: {error}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     except Interrupted as stop:
-        error_console.print(f"stopped: {stop}", markup=False)
+        console.print(f"stopped: {stop}", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
-        error_console.print("stopped by Ctrl-C", markup=False)
+        console.print("stopped by Ctrl-C", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED)
     except Exception as error:  # noqa: BLE001 - anything else is a failure, shown without traceback
         if debug_mode["on"]:
             raise
-        error_console.print(f"failed: {type(error).__name__}: {error} (run with --debug for the traceback)",
+        console.print(f"failed: {type(error).__name__}: {error} (run with --debug for the traceback)",
                             markup=False)
         raise typer.Exit(EXIT_FAILED)
 
@@ -197,6 +207,23 @@ def quantize(recipe: Optional[str] = typer.Argument(None, help="Recipe with a qu
         task.run(settings, overwrite=overwrite)
 
 
+@app.command(epilog="Examples:\n\n  llmkit push runs/pretrain-zh-tiny your-name/pretrain-zh-tiny\n\n"
+                    "  llmkit push runs/classify/merged your-name/classify-zh --private --revision v1")
+def push(run: Path = typer.Argument(..., help="Run, quantized or merged model folder."),
+         repo: str = typer.Argument(..., help="Hub repository (owner/name); made if absent."),
+         private: bool = typer.Option(False, "--private", help="Make the repository private (when it is made)."),
+         token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN, or the saved login)."),
+         revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to; made if absent "
+                                                                         "(default: main).")):
+    """Upload a model to the Hugging Face hub: its weights, tokenizer, card and reports, without checkpoints
+    and llmkit's own files."""
+    with reporting_errors():
+        from llmkit.hub import push as push_folder
+
+        pushed = push_folder(run, repo, private=private, token=token, revision=revision)
+        typer.echo(f"pushed {len(pushed.files)} files of {run} to {pushed.url}")
+
+
 @recipe_app.command("list")
 def recipe_list():
     """List the shipped recipes."""
@@ -225,6 +252,28 @@ def recipe_check(recipe: str = RecipeArg, sets: List[str] = SetOpt):
 
         load_recipe(recipe, sets)
         typer.echo(f"{recipe}: ok")
+
+
+@recipe_app.command("keys")
+def recipe_keys(table: Optional[str] = typer.Argument(None, help="Only this table (run, model, train, ...)."),
+                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """List every recipe key with its type, default and what it does."""
+    with reporting_errors():
+        from llmkit.recipe import recipe_keys as keys_of
+
+        keys = keys_of(table)
+        if as_json:
+            typer.echo(json.dumps([vars(key) for key in keys], ensure_ascii=False, indent=2, default=str))
+            return
+        from rich.table import Table
+
+        from llmkit.console import stdout
+
+        listing = Table("key", "type", "default", "what it does", title="recipe keys", show_lines=False)
+        for key in keys:
+            default = "unset" if key.default is None else json.dumps(key.default, ensure_ascii=False)
+            listing.add_row(key.name, key.type, default, key.comment)
+        stdout.print(listing)
 
 
 @recipe_app.command("show")

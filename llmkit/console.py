@@ -1,5 +1,6 @@
-"""What reaches the terminal: the one rich console everything prints through (colours and live displays
-only on a terminal), and the libraries' own chatter kept off it."""
+"""What reaches the terminal: results on stdout, what scripts read (tables, the final line of a command);
+everything else on stderr (progress, notes, warnings, errors); colours and live displays only on a
+terminal; and the libraries' own chatter kept off both."""
 
 import logging
 import os
@@ -7,8 +8,8 @@ import sys
 
 from rich.console import Console
 
-console = Console(highlight=False, soft_wrap=True)
-error_console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress, notes, warnings, errors
+stdout = Console(highlight=False, soft_wrap=True)  # results, what scripts read
 
 
 class _DropOptionalKernelNotice(logging.Filter):

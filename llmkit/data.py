@@ -147,11 +147,13 @@ def read_parquet(path: Path, columns: Sequence[str], text_columns: int) -> list[
 
 
 def read_hub_dataset(name: str, columns: Sequence[str], text_columns: int, config: str, split: str) -> list[dict]:
+    """A hub split's rows: only the columns asked for (a wide data set stays small), or every column when
+    none are named (fine-tuning chat data: its task module reads the fields it finds, like a file's)."""
     import datasets
 
     dataset = datasets.load_dataset(name, config or None, split=split)
     check_header(dataset.column_names, columns, f"hub dataset {name}")
-    rows = dataset.select_columns(list(columns)).to_list()
+    rows = (dataset.select_columns(list(columns)) if columns else dataset).to_list()
     return [check_columns(row, columns, text_columns, f"hub dataset {name}: row {n}") for n, row in enumerate(rows, 1)]
 
 

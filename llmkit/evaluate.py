@@ -36,7 +36,7 @@ class EvalResult:
 
 
 def run(recipe: Recipe, models: list[str] | None = None, limit: int | None = None) -> list[EvalResult]:
-    from llmkit.console import console, quiet_libraries
+    from llmkit.console import console, quiet_libraries, stdout
     from llmkit.loading import load_model, resolve_model
 
     quiet_libraries()
@@ -44,11 +44,15 @@ def run(recipe: Recipe, models: list[str] | None = None, limit: int | None = Non
     check_results_file(Path(settings.output))
     limit = settings.limit if limit is None else limit
     data = {task_name(task): (task, task_rows(task, limit)) for task in settings.tasks}
-    sources = [resolve_model(name, recipe.run.output_dir) for name in (models or settings.models or [None])]
+    names = models or settings.models
+    # No models named: each task scores the newest model with its head (runs/latest, latest-<head>).
+    pairs = [(resolve_model(model, recipe.run.output_dir, tasks.TASKS[task.kind].head), name)
+             for model in (names or [None]) for name, (task, _) in data.items()]
     results = []
-    for source in sources:
+    for source in dict.fromkeys(source for source, _ in pairs):
         loaded: dict[str, tuple] = {}
-        for name, (task, rows) in data.items():
+        for name in (name for model, name in pairs if model == source):
+            task, rows = data[name]
             head = tasks.TASKS[task.kind].head
             if head not in loaded:
                 loaded[head] = load_model(source, device=settings.device, head=head)
@@ -58,7 +62,7 @@ def run(recipe: Recipe, models: list[str] | None = None, limit: int | None = Non
                 metrics = score(model, tokenizer, task, rows, settings.batch_size)
             metrics["seconds"] = round(time.perf_counter() - start, 2)
             results.append(EvalResult(source, name, task.kind, metrics))
-    report(results, settings.output, console)
+    report(results, settings.output, stdout)
     return results
 
 

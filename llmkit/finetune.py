@@ -36,7 +36,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     """Fine-tune as the recipe says; `callbacks` (transformers TrainerCallback) join the Trainer's.
     `force`: resume although the recipe differs from the run's in keys that matter."""
     from llmkit import rundir
-    from llmkit.console import console, quiet_libraries
+    from llmkit.console import quiet_libraries, stdout
     from llmkit.training import run_folder
 
     quiet_libraries()
@@ -52,8 +52,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     with run_folder(recipe, overwrite, resume, force) as folder:
         validation, test, main = train(recipe, folder, resume, callbacks)
     if main:
-        rundir.point_latest(run_dir)
-        show_results(console, run_dir, settings, validation, test)
+        rundir.point_latest(run_dir, tasks.TASKS[settings.task].head)
+        show_results(stdout, run_dir, settings, validation, test)
     return FinetuneResult(run_dir, validation, test)
 
 
@@ -302,23 +302,26 @@ def score_test(recipe: Recipe, model, tokenizer, data) -> dict:
 
 def write_reports(recipe: Recipe, trainer, tokenizer, data, run_dir: Path, validation: dict, test: dict) -> None:
     from llmkit import rundir
-    from llmkit.report import plot_losses, write_model_card
+    from llmkit.report import Origin, Scores, plot_losses, write_model_card
 
     settings = recipe.finetune
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.run.name)
     rundir.write_json(run_dir / "final_metrics.json",
                       {"step": trainer.state.global_step, "validation": validation, "test": test})
     base = f" of `{recipe.model.path}`" if recipe.model.path else ""
-    test_scores = {f"test {k}": v for k, v in test.items() if isinstance(v, float)}
+    adapter = settings.method != "full"
     write_model_card(run_dir / "README.md", name=recipe.run.name, model=trainer.model, tokenizer=tokenizer,
                      description=f"A {settings.task} model: {settings.method} fine-tuning{base} with llmkit."
                                  + ("" if settings.method == "full" else " This folder holds the adapter (PEFT); "
                                     "`llmkit generate/eval` load it onto its base."),
-                     loader=tasks.HEADS[tasks.TASKS[settings.task].head].auto_class,
+                     origin=Origin(tasks.TASKS[settings.task].head, base=recipe.model.path,
+                                   relation="adapter" if adapter else "finetune", training=(settings.source,),
+                                   tags=("finetune", settings.task, *((settings.method, "peft") if adapter else ()))),
                      data=f"`{settings.source}`: {len(data.train):,} training / {len(data.validation):,} validation"
                           f" / {len(data.test):,} test examples",
-                     steps=trainer.state.global_step,
-                     metrics={**{f"validation {k}": v for k, v in validation.items()}, **test_scores}, samples=[])
+                     steps=trainer.state.global_step, samples=[],
+                     scores=[Scores(settings.validation_source or settings.source, "validation", validation),
+                             Scores(settings.test_source, "test", test)])
 
 
 def show_results(console, run_dir: Path, settings, validation: dict, test: dict) -> None:

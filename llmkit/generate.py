@@ -36,7 +36,7 @@ def run(recipe: Recipe, *, seed: int | None = None, prompt: str | None = None, i
         output_path: Path | None = None, chat: bool = False, attention: AttentionPlot | None = None) -> None:
     """`llmkit generate` with the recipe's [generate] settings: one prompt (or the settings' prompts), a
     batch file, or a chat session. `seed`: None = run.seed."""
-    from llmkit.console import console, error_console, quiet_libraries
+    from llmkit.console import console, quiet_libraries, stdout
 
     quiet_libraries()
     settings, output_dir = recipe.generate, recipe.run.output_dir
@@ -56,10 +56,10 @@ def run(recipe: Recipe, *, seed: int | None = None, prompt: str | None = None, i
     if chat:
         chat_loop(ChatSession(model, tokenizer, settings, seed=seed))
     elif rows is not None:
-        run_batch(model, tokenizer, rows, output_path, settings, seed=seed, progress=error_console.is_terminal)
+        run_batch(model, tokenizer, rows, output_path, settings, seed=seed, progress=console.is_terminal)
     else:
         write = lambda text: (sys.stdout.write(text), sys.stdout.flush())  # noqa: E731
-        streaming = console.is_terminal and settings.num_return_sequences == 1 and settings.num_beams == 1
+        streaming = stdout.is_terminal and settings.num_return_sequences == 1 and settings.num_beams == 1
         for number, text in enumerate([prompt] if prompt is not None else settings.prompts):
             if streaming:
                 write(text)
@@ -67,11 +67,11 @@ def run(recipe: Recipe, *, seed: int | None = None, prompt: str | None = None, i
                                        stream=write if streaming else None)
             for continuation in generation.texts:
                 write(("" if streaming else text + continuation) + "\n")
-            error_console.print(generation.summary(), markup=False)
+            console.print(generation.summary(), markup=False)
             if attention is not None and number == 0:
                 path = plot_generation_attention(model, tokenizer, generation.ids, attention.path, attention.layer,
                                                  attention.head)
-                error_console.print(f"attention plot: {path}", markup=False)
+                console.print(f"attention plot: {path}", markup=False)
 
 
 # ---------------------------------------------------------------- prompt files
@@ -138,10 +138,10 @@ def run_batch(model, tokenizer, source: str | Path | list[dict], output_path: st
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from llmkit.console import error_console
+        from llmkit.console import console
 
         with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=error_console, transient=True) as bar:
+                      console=console, transient=True) as bar:
             task = bar.add_task("generate", total=len(prompts))
             results = generate_batch(model, tokenizer, prompts, settings, seed=seed,
                                      on_batch=lambda n: bar.advance(task, n))

@@ -25,15 +25,32 @@ from typing import Callable, Iterable
 from llmkit.errors import LlmkitError
 from llmkit.settings import GenerateSettings
 
+DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.1}
 
-def generation_kwargs(settings: GenerateSettings, tokenizer) -> dict:
-    """GenerateSettings -> keyword arguments of `model.generate` (KV cache on, stop strings included)."""
+
+def with_model_defaults(settings: GenerateSettings, model) -> GenerateSettings:
+    """The settings to generate with: what the recipe or the command line set, else what the model's own
+    generation_config.json sets (the values its maker changed from transformers' defaults, read as vLLM
+    reads them), else llmkit's DEFAULT_SAMPLING. A model made elsewhere generates here as it does there."""
+    config = getattr(model, "generation_config", None)
+    own = config.to_diff_dict() if config is not None else {}
+    unset = {key: own.get(key, default) for key, default in DEFAULT_SAMPLING.items() if getattr(settings, key) is None}
+    return replace(settings, **unset)
+
+
+def generation_kwargs(settings: GenerateSettings, tokenizer, model) -> dict:
+    """GenerateSettings -> keyword arguments of `model.generate` (KV cache on, stop strings included), unset
+    values from the model (with_model_defaults); its end-of-sequence ids, a list in many chat models, end
+    generation (the tokenizer's end token where the model names none)."""
+    settings = with_model_defaults(settings, model)
+    config = getattr(model, "generation_config", None)
+    eos = config.eos_token_id if config is not None and config.eos_token_id is not None else tokenizer.eos_token_id
     sampling = settings.sampling
     kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=sampling,
                   num_beams=settings.num_beams, num_return_sequences=settings.num_return_sequences,
                   repetition_penalty=settings.repetition_penalty, use_cache=True,
                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                  eos_token_id=tokenizer.eos_token_id)
+                  eos_token_id=eos)
     if sampling:
         kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
     else:  # neutral values, so that a model's own generation_config does not warn about unused ones
@@ -187,7 +204,7 @@ def run_generate(model, tokenizer, inputs, settings: GenerateSettings, streamer=
     clock = FirstTokenClock(streamer) if settings.num_beams == 1 else None
     start = time.perf_counter()
     with torch.inference_mode():
-        output = model.generate(**inputs, **generation_kwargs(settings, tokenizer), streamer=clock or streamer)
+        output = model.generate(**inputs, **generation_kwargs(settings, tokenizer, model), streamer=clock or streamer)
     seconds = time.perf_counter() - start
     return output[:, inputs["input_ids"].shape[1]:], clock.first if clock else None, seconds
 
@@ -259,7 +276,7 @@ def continue_prompts(model, tokenizer, prompts: list[str], settings: GenerateSet
     was_training = model.training
     model.eval()
     texts = []
-    kwargs = generation_kwargs(settings, tokenizer) | {"num_return_sequences": 1, "num_beams": 1}
+    kwargs = generation_kwargs(settings, tokenizer, model) | {"num_return_sequences": 1, "num_beams": 1}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for prompt in prompts:
@@ -277,7 +294,7 @@ def generation_speed(model, tokenizer, prompt: str, tokens: int, runs: int) -> f
     import torch
 
     settings = GenerateSettings(greedy=True, max_new_tokens=tokens, repetition_penalty=1.0)
-    kwargs = generation_kwargs(settings, tokenizer) | {"min_new_tokens": tokens}
+    kwargs = generation_kwargs(settings, tokenizer, model) | {"min_new_tokens": tokens}
     inputs = encode_prompts(tokenizer, [prompt], model.device)
     rates = []
     with torch.inference_mode():

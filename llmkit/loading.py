@@ -16,18 +16,20 @@ from llmkit.compression import MARKER, quantize_dynamic_int8
 from llmkit.devices import inference_dtype, pick_device
 from llmkit.errors import LlmkitError, first_line
 from llmkit.recipe import looks_local
-from llmkit.rundir import LATEST
+from llmkit.rundir import latest_name
 from llmkit.settings import ModelSettings, Recipe
 from llmkit.tasks import HEADS, TASKS
 from llmkit.tokenizer import load_tokenizer
 
 NO_MODEL = ("no trained model found in {output_dir}/; train one with `llmkit pretrain pretrain-zh-tiny` "
             "or pass --model")
+NO_MODEL_WITH_HEAD = "no trained {head} model found in {output_dir}/ (no {latest}); train one or pass --model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-def resolve_model(model: str | None = None, output_dir: str | Path = "runs") -> str:
-    """The model to load: `model` as given, or the newest run (<output_dir>/latest). A name that looks
+def resolve_model(model: str | None = None, output_dir: str | Path = "runs", head: str = "causal-lm") -> str:
+    """The model to load: `model` as given, or the newest run with `head` (<output_dir>/latest for a
+    causal LM, latest-<head> for the others: llmkit.rundir.latest_name). A name that looks
     local (llmkit.recipe.looks_local: `runs/x` once runs/ exists) and is not there is an error here,
     never a download attempt."""
     if model:
@@ -40,11 +42,13 @@ def resolve_model(model: str | None = None, output_dir: str | Path = "runs") -> 
         if looks_local(model):
             raise LlmkitError(f"model not found: {model} (no such folder)")
         return model  # a hub id such as Qwen/Qwen2.5-0.5B
-    latest = Path(output_dir) / LATEST
+    latest = Path(output_dir) / latest_name(head)
     if latest.is_file():  # a text file naming the run (where symlinks are not available)
         latest = latest.parent / latest.read_text(encoding="utf-8").strip()
     if not latest.is_dir():
-        raise LlmkitError(NO_MODEL.format(output_dir=str(output_dir).rstrip("/")))
+        folder = str(output_dir).rstrip("/")
+        message = NO_MODEL if head == "causal-lm" else NO_MODEL_WITH_HEAD
+        raise LlmkitError(message.format(output_dir=folder, head=head, latest=f"{folder}/{latest_name(head)}"))
     return resolve_model(str(latest))
 
 
@@ -60,7 +64,7 @@ def load_model(model: str | None = None, *, output_dir: str | Path = "runs", dev
     `head` picks the transformers Auto class (llmkit.tasks.HEADS); a model saved without that head is refused."""
     from transformers.utils import logging as hf_logging
 
-    source = resolve_model(model, output_dir)
+    source = resolve_model(model, output_dir, head)
     device = pick_device(device)
     path = Path(source)
     quiet = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()

@@ -2,17 +2,29 @@
 
 Pure functions over plain lists, returning plain Python floats, ints, strings and lists, so that a result can go
 straight into metrics.jsonl. Rates are fractions in [0, 1], except BLEU and chrF, which keep sacrebleu's 0-100
-scale so that they read like the figures in papers. Chinese is a first-class input: QA and ROUGE-L treat each CJK
-character as a token (English words stay whole), and BLEU switches to sacrebleu's "zh" tokenizer by itself.
+scale so that they read like the figures in papers.
+
+The scores come from the libraries that papers use, so that llmkit's figures compare with published ones:
+scikit-learn (accuracy, precision/recall/F1, confusion matrix), seqeval (entity scores, its default mode),
+sacrebleu (BLEU, chrF) and rouge-score (ROUGE-L, given a tokenizer that splits CJK text into characters, since
+its default one drops all non-ASCII text and would score Chinese as 0). Each is imported only when its score is
+asked for.
+
+Extractive QA is llmkit's own code, because no maintained library packages the official scripts (they are
+single files, or metric scripts fetched from the Hugging Face Hub at run time): Chinese answers are scored exactly as the CMRC 2018 evaluation script
+does (also used for DRCD and CLUE), English ones exactly as the SQuAD v1.1 script does. tests/test_metrics.py
+checks both against transcriptions of those scripts.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import string
-import unicodedata
+import warnings
 from collections import Counter
 from collections.abc import Hashable, Sequence
+from difflib import SequenceMatcher
 
 from llmkit.errors import LlmkitError
 
@@ -28,11 +40,9 @@ _CJK_RANGES = (
 )
 _CJK_CLASS = "".join(f"\\U{low:08X}-\\U{high:08X}" for low, high in _CJK_RANGES)
 _CJK = re.compile(f"[{_CJK_CLASS}]")
-# A token is one CJK character or a run of other non-space characters.
-_TOKEN = re.compile(f"[{_CJK_CLASS}]|[^\\s{_CJK_CLASS}]+")
-# For ROUGE-L: the same, but runs are of word characters only, so punctuation is not a token.
-_WORD_TOKEN = re.compile(f"[{_CJK_CLASS}]|[^\\W{_CJK_CLASS}]+")
-_ARTICLES = frozenset({"a", "an", "the"})
+# For ROUGE-L: one CJK character, or a run of letters and digits (no "_"), so that ASCII text splits exactly as
+# rouge-score's default tokenizer splits it, while other scripts (é, ß, Cyrillic) are kept rather than dropped.
+_ROUGE_TOKEN = re.compile(f"[{_CJK_CLASS}]|[^\\W_{_CJK_CLASS}]+")
 
 
 # --------------------------------------------------------------------------------------------------- shared helpers
@@ -45,15 +55,6 @@ def _check_lengths(predictions: Sequence, references: Sequence) -> int:
     if not predictions:
         raise LlmkitError("cannot score 0 predictions; expected at least one prediction and reference")
     return len(predictions)
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    """numerator / denominator, 0.0 when nothing was counted (as scikit-learn and seqeval report it)."""
-    return float(numerator) / denominator if denominator else 0.0
-
-
-def _f1(precision: float, recall: float) -> float:
-    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
 def _reference_list(reference, index: int) -> list[str]:
@@ -76,13 +77,6 @@ def has_cjk(text: str) -> bool:
     return _CJK.search(text) is not None
 
 
-def _is_punctuation(char: str) -> bool:
-    """ASCII punctuation, Unicode punctuation (，。、《》「」…) and full-width forms of ASCII symbols (＋～＄)."""
-    if char in string.punctuation or unicodedata.category(char).startswith("P"):
-        return True
-    return 0xFF01 <= ord(char) <= 0xFF5E and unicodedata.normalize("NFKC", char) in string.punctuation
-
-
 # --------------------------------------------------------------------------------------------------- classification
 
 def _sorted_labels(values: set) -> list:
@@ -96,12 +90,13 @@ def _sorted_labels(values: set) -> list:
 
 def classification_metrics(predictions: Sequence[Hashable], references: Sequence[Hashable],
                            labels: Sequence[Hashable] | None = None) -> dict:
-    """Accuracy, macro precision/recall/F1, per-class scores and the confusion matrix.
+    """Accuracy, macro precision/recall/F1, per-class scores and the confusion matrix, from scikit-learn.
 
     `labels` fixes the class order (and includes classes that never occur, which then count in the macro means
     with 0.0, as scikit-learn does); by default it is the sorted union of predictions and references. A value
     outside `labels` is refused rather than dropped, so that a generative model answering "maybe" cannot
-    silently improve the scores: map such answers to a label first.
+    silently improve the scores: map such answers to a label first. A rate whose denominator is 0 is 0.0
+    (scikit-learn's zero_division=0).
 
     Returns accuracy, precision, recall, f1 (macro, fractions in [0, 1]), labels, per_class (keyed by
     str(label): precision, recall, f1, support), confusion_matrix (rows = reference, columns = prediction, in
@@ -113,179 +108,257 @@ def classification_metrics(predictions: Sequence[Hashable], references: Sequence
     labels = list(labels)
     if len(set(labels)) != len(labels):
         raise LlmkitError(f"labels {labels!r} repeat a label; expected each label once")
-    position = {label: i for i, label in enumerate(labels)}
-    matrix = [[0] * len(labels) for _ in labels]
+    known = set(labels)
     for i, (predicted, reference) in enumerate(zip(predictions, references)):
         for role, value in (("prediction", predicted), ("reference", reference)):
-            if value not in position:
+            if value not in known:
                 raise LlmkitError(f"{role} {i}: label {value!r} is not one of the labels {labels!r}")
-        matrix[position[reference]][position[predicted]] += 1
 
-    per_class = {}
-    for k, label in enumerate(labels):
-        true_positives = matrix[k][k]
-        support = sum(matrix[k])
-        predicted = sum(row[k] for row in matrix)
-        precision, recall = _ratio(true_positives, predicted), _ratio(true_positives, support)
-        per_class[str(label)] = {"precision": precision, "recall": recall, "f1": _f1(precision, recall),
-                                 "support": support}
-    scores = list(per_class.values())
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    y_true, y_pred = list(references), list(predictions)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None,
+                                                                     zero_division=0)
+    macro = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    with warnings.catch_warnings():  # it warns of a 1 x 1 matrix even when given labels, which fix its shape
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    per_class = {str(label): {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+                              "support": int(support[k])}
+                 for k, label in enumerate(labels)}
     return {
-        "accuracy": _ratio(sum(matrix[k][k] for k in range(len(labels))), count),
-        "precision": sum(s["precision"] for s in scores) / len(scores),
-        "recall": sum(s["recall"] for s in scores) / len(scores),
-        "f1": sum(s["f1"] for s in scores) / len(scores),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision": float(macro[0]),
+        "recall": float(macro[1]),
+        "f1": float(macro[2]),
         "labels": labels,
         "per_class": per_class,
-        "confusion_matrix": matrix,
+        "confusion_matrix": [[int(n) for n in row] for row in matrix],
         "count": count,
     }
 
 
 # --------------------------------------------------------------------------------------------------------- entities
 
-def _parse_tag(tag, index: int) -> tuple[str, str]:
-    """'B-PER' -> ('B', 'PER'); 'O' -> ('O', ''). The type may itself contain '-' ('B-LOC-CITY')."""
-    if tag == "O":
-        return "O", ""
-    if isinstance(tag, str) and tag[:2] in ("B-", "I-") and len(tag) > 2:
-        return tag[0], tag[2:]
-    raise LlmkitError(f"tag {index}: {tag!r} is not a BIO tag; expected 'O', 'B-TYPE' or 'I-TYPE'")
+def _check_tags(tags: Sequence[str]) -> list[str]:
+    """BIO tags as a list: 'O', 'B-TYPE' or 'I-TYPE' (the type may itself contain '-', as in 'B-LOC-CITY').
+
+    seqeval would only warn about anything else (and read E-/S- tags as IOBES), so llmkit refuses it first.
+    """
+    for i, tag in enumerate(tags):
+        if tag != "O" and not (isinstance(tag, str) and tag[:2] in ("B-", "I-") and len(tag) > 2):
+            raise LlmkitError(f"tag {i}: {tag!r} is not a BIO tag; expected 'O', 'B-TYPE' or 'I-TYPE'")
+    return list(tags)
 
 
 def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
     """The entities in one sentence's BIO tags, as (type, start, end) with `end` exclusive (tokens[start:end]).
 
-    Lenient like seqeval's default mode, because models do emit ill-formed sequences and the usual scores
-    count them this way: an I- tag after O (or at the start) begins an entity, and an I- tag of another type
-    ends the current entity and begins a new one.
+    seqeval's own reading (its default mode), lenient because models do emit ill-formed sequences and the usual
+    scores count them this way: an I- tag after O (or at the start) begins an entity, and an I- tag of another
+    type ends the current entity and begins a new one.
     """
-    spans: set[tuple[str, int, int]] = set()
-    kind, start = "", -1
-    for i, tag in enumerate(tags):
-        prefix, tag_kind = _parse_tag(tag, i)
-        if kind and (prefix != "I" or tag_kind != kind):
-            spans.add((kind, start, i))
-            kind = ""
-        if prefix != "O" and not kind:
-            kind, start = tag_kind, i
-    if kind:
-        spans.add((kind, start, len(tags)))
-    return spans
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    return {(kind, start, end + 1) for kind, start, end in get_entities(_check_tags(tags))}
 
 
 def entity_metrics(predicted_tag_sequences: Sequence[Sequence[str]],
                    reference_tag_sequences: Sequence[Sequence[str]]) -> dict:
-    """Entity-level scores, as seqeval reports them: an entity counts only if its type and both ends are right.
+    """Entity-level scores from seqeval (default mode): an entity counts only if its type and both ends are right.
 
     Returns precision, recall, f1 (micro over all entities, fractions in [0, 1]), per_type (type -> precision,
     recall, f1, support = reference entities of that type, for every type predicted or referenced), and the
-    counts predicted_entities, reference_entities and correct_entities.
+    counts predicted_entities, reference_entities and correct_entities. A rate whose denominator is 0 is 0.0.
     """
     _check_lengths(predicted_tag_sequences, reference_tag_sequences)
-    predicted: set[tuple[int, str, int, int]] = set()
-    reference: set[tuple[int, str, int, int]] = set()
+    y_pred, y_true = [], []
     for n, (tags, gold) in enumerate(zip(predicted_tag_sequences, reference_tag_sequences)):
         if len(tags) != len(gold):
             raise LlmkitError(f"sentence {n}: {len(tags)} predicted tags but {len(gold)} reference tags; "
                               "expected one tag per token in both")
-        predicted |= {(n, *span) for span in entity_spans(tags)}
-        reference |= {(n, *span) for span in entity_spans(gold)}
-    correct = predicted & reference
+        y_pred.append(_check_tags(tags))
+        y_true.append(_check_tags(gold))
 
+    from seqeval.metrics.sequence_labeling import get_entities, precision_recall_fscore_support
+
+    # seqeval reads a list of sentences as one sequence with an "O" between sentences, so an entity never spans
+    # two sentences and the same span in another sentence is another entity.
+    predicted, reference = set(get_entities(y_pred)), set(get_entities(y_true))
+    kinds = sorted({entity[0] for entity in predicted | reference})
     per_type = {}
-    for kind in sorted({entity[1] for entity in predicted | reference}):
-        n_correct = sum(1 for entity in correct if entity[1] == kind)
-        n_predicted = sum(1 for entity in predicted if entity[1] == kind)
-        n_reference = sum(1 for entity in reference if entity[1] == kind)
-        precision, recall = _ratio(n_correct, n_predicted), _ratio(n_correct, n_reference)
-        per_type[kind] = {"precision": precision, "recall": recall, "f1": _f1(precision, recall),
-                          "support": n_reference}
-    precision, recall = _ratio(len(correct), len(predicted)), _ratio(len(correct), len(reference))
+    if kinds:
+        precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, average=None,
+                                                                         zero_division=0)
+        per_type = {kind: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+                           "support": int(support[k])}
+                    for k, kind in enumerate(kinds)}
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="micro", zero_division=0)
     return {
-        "precision": precision,
-        "recall": recall,
-        "f1": _f1(precision, recall),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
         "per_type": per_type,
         "predicted_entities": len(predicted),
         "reference_entities": len(reference),
-        "correct_entities": len(correct),
+        "correct_entities": len(predicted & reference),
     }
 
 
 # ---------------------------------------------------------------------------------------------- extractive QA
 
-def answer_tokens(text: str) -> list[str]:
-    """SQuAD normalisation, extended to Chinese: the tokens that exact match and F1 compare.
+# The CMRC 2018 script's punctuation, verbatim: ASCII - : _ * ^ / \ ~ ` + = and the full-width marks. ASCII . , ! ?
+# ' " ( ) are not in it, so they stay (and become tokens of their own in F1); "……" is two characters, so it
+# never matches one. The script only ever compares it against single characters.
+_CMRC_PUNCTUATION = frozenset(['-', ':', '_', '*', '^', '/', '\\', '~', '`', '+', '=',
+                               '，', '。', '：', '？', '！', '“', '”', '；', '’', '《', '》', '……', '·', '、',
+                               '「', '」', '（', '）', '－', '～', '『', '』'])
+_CMRC_CHINESE = re.compile("[\u4e00-\u9fa5]")  # the script's test for a Chinese character
+_SQUAD_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_SQUAD_PUNCTUATION = frozenset(string.punctuation)
 
-    Lower-cased; punctuation removed (ASCII and CJK, without leaving a space, as SQuAD does: "don't" -> "dont");
-    each CJK character is a token and other runs of characters stay whole words; the English articles a/an/the
-    are dropped. Whitespace is not significant, so "北京 大学" and "北京大学" are the same answer.
+
+def _english_words(text: str) -> list[str]:
+    """nltk.word_tokenize, as the CMRC script splits runs of non-Chinese text, without its sentence splitter.
+
+    The sentence splitter needs the punkt data, which is downloaded separately; llmkit never downloads anything
+    to score. Without it, a full stop is split off only at the end of the run, not where punkt would see a
+    sentence end inside it ("end. next" stays "end.", "next"), which an answer span hardly ever contains.
     """
-    text = "".join(char for char in text.lower() if not _is_punctuation(char))
-    return [token for token in _TOKEN.findall(text) if token not in _ARTICLES]
+    from nltk.tokenize import word_tokenize
+
+    return word_tokenize(text, preserve_line=True)
 
 
-def _answer_f1(predicted: list[str], reference: list[str]) -> float:
-    """Bag-of-tokens F1 (SQuAD v1.1); two empty answers agree (1.0) as in SQuAD v2.0, rather than scoring 0."""
-    if not predicted or not reference:
-        return float(predicted == reference)
-    overlap = sum((Counter(predicted) & Counter(reference)).values())
-    return _f1(overlap / len(predicted), overlap / len(reference))
+def _cmrc_tokens(text: str) -> list[str]:
+    """CMRC 2018's mixed_segmentation(text, rm_punc=True): each Chinese character a token, other runs as words.
+
+    Lower-cased and stripped; its punctuation dropped where it stands (so "a-b" is the one word "ab").
+    """
+    tokens, run = [], ""
+    for char in text.lower().strip():
+        if char in _CMRC_PUNCTUATION:
+            continue
+        if _CMRC_CHINESE.match(char):
+            if run:
+                tokens.extend(_english_words(run))
+                run = ""
+            tokens.append(char)
+        else:
+            run += char
+    if run:
+        tokens.extend(_english_words(run))
+    return tokens
+
+
+def _cmrc_text(text: str) -> str:
+    """CMRC 2018's remove_punctuation, which its exact match compares: lower-cased, stripped, punctuation removed.
+
+    Spaces inside the text stay, so "北京 大学" does not exactly match "北京大学" (its F1 is still 1.0).
+    """
+    return "".join(char for char in text.lower().strip() if char not in _CMRC_PUNCTUATION)
+
+
+def _squad_normalize(text: str) -> str:
+    """SQuAD v1.1's normalize_answer: lower-cased, ASCII punctuation removed, articles a/an/the removed, spaces
+    collapsed."""
+    text = "".join(char for char in text.lower() if char not in _SQUAD_PUNCTUATION)
+    return " ".join(_SQUAD_ARTICLES.sub(" ", text).split())
+
+
+def answer_tokens(text: str) -> list[str]:
+    """The tokens that QA F1 compares for `text` on its own: CMRC 2018's if it contains CJK, else SQuAD v1.1's.
+
+    CMRC 2018: lower-cased, its punctuation removed, each Chinese character a token and other runs split into
+    words as nltk does ("The iPhone 12，在北京" -> the, iphone, 12, 在, 北, 京). SQuAD v1.1: lower-cased, ASCII
+    punctuation and the articles a/an/the removed, split at whitespace. (squad_metrics picks the way per
+    question, from the prediction and all its reference answers together.)
+    """
+    return _cmrc_tokens(text) if has_cjk(text) else _squad_normalize(text).split()
+
+
+def _cmrc_f1(prediction: str, answer: str) -> float:
+    """CMRC 2018's F1: precision and recall of the longest common substring of tokens (contiguous, unlike a
+    bag of tokens), so "北大" scores 0.4 against "北京大", not 0.8. 0.0 when nothing is shared, even when both
+    are empty."""
+    predicted, gold = _cmrc_tokens(prediction), _cmrc_tokens(answer)
+    common = SequenceMatcher(None, gold, predicted, autojunk=False).find_longest_match().size
+    if common == 0:
+        return 0.0
+    precision = 1.0 * common / len(predicted)
+    recall = 1.0 * common / len(gold)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def _squad_f1(prediction: str, answer: str) -> float:
+    """SQuAD v1.1's F1: bag-of-tokens overlap; 0.0 when nothing is shared, even when both are empty."""
+    predicted, gold = _squad_normalize(prediction).split(), _squad_normalize(answer).split()
+    common = sum((Counter(predicted) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision = 1.0 * common / len(predicted)
+    recall = 1.0 * common / len(gold)
+    return (2 * precision * recall) / (precision + recall)
 
 
 def squad_metrics(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict:
-    """Exact match and token F1 of extractive answers, as the SQuAD v1.1 script computes them.
+    """Exact match and F1 of extractive answers, as the official scripts compute them.
 
     Each reference is one answer or a list of acceptable answers; each prediction scores its best match.
-    Text is normalised by `answer_tokens`, so Chinese answers are compared character by character.
-    Returns exact_match and f1 as fractions in [0, 1] (the SQuAD script prints them x100), and count.
+    The way is chosen per question: when the prediction or any of its reference answers contains a CJK
+    character (`has_cjk`), the CMRC 2018 script's (Chinese: each character a token, F1 from the longest common
+    substring, exact match after removing its punctuation and lower-casing); otherwise the SQuAD v1.1 script's
+    (lower-cased, punctuation and articles removed, F1 from the bag of whitespace tokens). In both, an answer
+    with no tokens left scores F1 0.0, even against an empty reference (its exact match can still be 1.0).
+    Returns exact_match and f1 as fractions in [0, 1] (the scripts print them x100), and count.
     """
     count = _check_lengths(predictions, references)
     exact = f1 = 0.0
     for i, (prediction, reference) in enumerate(zip(predictions, references)):
-        tokens = answer_tokens(_check_prediction(prediction, i))
-        golds = [answer_tokens(answer) for answer in _reference_list(reference, i)]
-        exact += max(float(tokens == gold) for gold in golds)
-        f1 += max(_answer_f1(tokens, gold) for gold in golds)
+        prediction = _check_prediction(prediction, i)
+        answers = _reference_list(reference, i)
+        if has_cjk(prediction) or any(has_cjk(answer) for answer in answers):
+            exact += float(any(_cmrc_text(answer) == _cmrc_text(prediction) for answer in answers))
+            f1 += max(_cmrc_f1(prediction, answer) for answer in answers)
+        else:
+            exact += float(any(_squad_normalize(answer) == _squad_normalize(prediction) for answer in answers))
+            f1 += max(_squad_f1(prediction, answer) for answer in answers)
     return {"exact_match": exact / count, "f1": f1 / count, "count": count}
 
 
 # ------------------------------------------------------------------------------------------------------ generation
 
-def _lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence, in O(len(a) * len(b)) time and O(len(b)) memory."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
+class _RougeTokenizer:
+    """For rouge-score: lower-cased; each CJK character a token, other runs of letters and digits a word.
+
+    On ASCII text this is rouge-score's default tokenizer (without stemming); unlike it, Chinese and other
+    non-ASCII text is kept rather than dropped.
+    """
+
+    def tokenize(self, text: str) -> list[str]:
+        return _ROUGE_TOKEN.findall(text.lower())
+
+
+@functools.cache
+def _rouge_scorer():
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(["rougeL"], tokenizer=_RougeTokenizer())
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 of one pair: LCS over CJK characters and lower-cased words, punctuation ignored.
-
-    Tokenising CJK by character matters: the rouge-score package drops non-ASCII text and scores Chinese as 0.
-    """
-    predicted = _WORD_TOKEN.findall(prediction.lower())
-    gold = _WORD_TOKEN.findall(reference.lower())
-    if not predicted or not gold:
-        return float(predicted == gold)
-    common = _lcs_length(predicted, gold)
-    return _f1(common / len(predicted), common / len(gold))
+    """ROUGE-L F1 of one pair, from rouge-score: LCS over CJK characters and lower-cased words, punctuation
+    ignored. 0.0 when either side has no tokens (so "。" against "！" is 0.0, not a perfect match)."""
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
 def generation_metrics(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict:
-    """Corpus BLEU and chrF (sacrebleu, 0-100 scale) and mean ROUGE-L F1 (fraction in [0, 1]).
+    """Corpus BLEU and chrF (sacrebleu, 0-100 scale) and mean ROUGE-L F1 (rouge-score, fraction in [0, 1]).
 
     Each reference is one string or a list of strings (the number may vary between predictions). BLEU uses
     sacrebleu's "zh" tokenizer when any prediction or reference contains CJK characters, else the standard
     "13a", since 13a would treat a whole Chinese sentence as one word; bleu_tokenize says which was used.
-    ROUGE-L takes the best reference for each prediction and averages over predictions.
+    ROUGE-L (`rouge_l`) takes the best reference for each prediction and averages over predictions.
     """
     from sacrebleu.metrics import BLEU, CHRF
 
@@ -298,7 +371,8 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str | Se
     streams = [[answers[k] if k < len(answers) else None for answers in reference_lists] for k in range(width)]
     bleu = BLEU(tokenize=tokenize).corpus_score(hypotheses, streams)
     chrf = CHRF().corpus_score(hypotheses, streams)
-    rouge = sum(max(rouge_l(hypothesis, answer) for answer in answers)
+    scorer = _rouge_scorer()
+    rouge = sum(float(scorer.score_multi(answers, hypothesis)["rougeL"].fmeasure)
                 for hypothesis, answers in zip(hypotheses, reference_lists))
     return {
         "bleu": float(bleu.score),

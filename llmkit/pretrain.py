@@ -32,7 +32,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     """Pretrain as the recipe says; `callbacks` (transformers TrainerCallback) are added to the Trainer's.
     `force`: resume although the recipe differs from the run's in keys that matter."""
     from llmkit import rundir
-    from llmkit.console import console, quiet_libraries
+    from llmkit.console import quiet_libraries, stdout
     from llmkit.training import run_folder
 
     quiet_libraries()
@@ -40,10 +40,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     with run_folder(recipe, overwrite, resume, force) as folder:
         metrics, samples, main = train(recipe, folder, resume, callbacks)
     if main:
-        rundir.point_latest(folder.run_dir)
-        console.print(f"[bold green]done[/]: model saved in {folder.run_dir}", highlight=False)
+        rundir.point_latest(folder.run_dir, "causal-lm" if recipe.train.objective == "causal" else "masked-lm")
+        stdout.print(f"[bold green]done[/]: model saved in {folder.run_dir}", highlight=False)
         for text in samples:
-            console.print(f"  {text}", highlight=False)
+            stdout.print(f"  {text}", highlight=False)
     return PretrainResult(folder.run_dir, metrics, samples)
 
 
@@ -105,9 +105,8 @@ def describe_setup(console, model, tokenizer, train_blocks, eval_blocks, args, p
 def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> tuple[dict, list[str]]:
     from llmkit import rundir
     from llmkit.generation import continue_prompts
-    from llmkit.report import plot_losses, write_model_card
+    from llmkit.report import Origin, Scores, plot_losses, write_model_card
     from llmkit.splits import count_chars
-    from llmkit.tasks import HEADS
     from llmkit.training import trained_model
 
     evaluations = [row for row in trainer.state.log_history if "eval_loss" in row]
@@ -126,9 +125,11 @@ def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> tuple[d
         write_model_card(run_dir / "README.md", name=recipe.run.name, model=model, tokenizer=tokenizer,
                          description=f"A {model.config.model_type} {'causal' if causal else 'masked'} language "
                                      f"model pretrained with llmkit.",
-                         loader=HEADS["causal-lm" if causal else "masked-lm"].auto_class,
+                         origin=Origin("causal-lm" if causal else "masked-lm", base=recipe.model.path,
+                                       relation="finetune", training=(recipe.data.source,), tags=("pretrain",)),
                          data=f"`{recipe.data.source}`: {count_chars(splits.train):,} training / "
                               f"{splits.validation_chars:,} validation characters",
-                         steps=trainer.state.global_step, metrics=metrics, samples=samples)
+                         steps=trainer.state.global_step, samples=samples,
+                         scores=[Scores(recipe.data.validation_source or recipe.data.source, "validation", metrics)])
         rundir.write_json(run_dir / "final_metrics.json", {"step": trainer.state.global_step, **metrics})
     return metrics, samples

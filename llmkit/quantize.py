@@ -47,13 +47,13 @@ class Measurement:
 
 
 def run(recipe: Recipe, overwrite: bool = False) -> dict:
-    from llmkit.console import console, quiet_libraries
+    from llmkit.console import console, quiet_libraries, stdout
     from llmkit.loading import resolve_model
     from llmkit.rundir import claimed, locked, run_dir_for, staging_for, swap_in
 
     quiet_libraries()
     settings = recipe.quantize
-    source = resolve_model(settings.model or None, recipe.run.output_dir)
+    source = resolve_model(settings.model or None, recipe.run.output_dir, tasks.TASKS[settings.task.kind].head)
     output = Path(settings.output) if settings.output else run_dir_for(recipe.run.output_dir, recipe.run.name)
     check_output(source, output, overwrite)
     check_source(source, settings)
@@ -71,10 +71,10 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict:
         if output.exists() and not overwrite:
             raise LlmkitError(f"{output} appeared while quantizing; it was left alone and the result discarded")
         swap_in(staging, output)
-    console.print(report_table(report))
+    stdout.print(report_table(report))
     if note := kept_note(report):
-        console.print(note, highlight=False)
-    console.print(f"[bold green]done[/]: {settings.method} model saved in {output} (report: {output / REPORT_FILE})",
+        stdout.print(note, highlight=False)
+    stdout.print(f"[bold green]done[/]: {settings.method} model saved in {output} (report: {output / REPORT_FILE})",
                   highlight=False)
     return report
 
@@ -289,10 +289,15 @@ def report_table(report: dict):
 
 
 def write_card(path: Path, report: dict) -> None:
-    """The output's model card: what was done, the report as a table, and how to load it."""
+    """The output's model card: what was done, the report as a table, and how to load it; its YAML block
+    (llmkit.report.model_card) names the source as base_model and holds the output's scores."""
+    from llmkit.report import Origin, Scores, hub_id, model_card
+
     output = report["output"]
     dynamic = report["method"] == "dynamic-int8"
-    auto_class = tasks.HEADS[tasks.TASKS[report["settings"]["task"]["kind"]].head].auto_class
+    task = report["settings"]["task"]
+    head = tasks.TASKS[task["kind"]].head
+    auto_class = tasks.HEADS[head].auto_class
     lines = [f"# {Path(output).name}", "",
              f"`{report['source']}` compressed with `llmkit quantize` (method `{report['method']}`).", "",
              "## Quantization report", "",
@@ -309,4 +314,10 @@ def write_card(path: Path, report: dict) -> None:
     else:
         lines.append(f'Plain transformers: `{auto_class}.from_pretrained("{output}")` '
                      "(bitsandbytes models need bitsandbytes installed).")
-    write_text(path, "\n".join(lines) + "\n")
+    pruned, recovery = report["method"] == "prune", report["details"].get("recovery")
+    origin = Origin(head, base=report["source"], relation="" if pruned else "quantized",
+                    training=(recovery["data"],) if recovery else (),
+                    tags=("pruned",) if pruned else ("quantized", report["method"]))
+    split = task["hub_split"] if hub_id(task["source"]) else task["split"]
+    write_text(path, model_card(Path(output).name, origin, [Scores(task["source"], split, report["after"]["metrics"])],
+                                lines))

@@ -11,6 +11,7 @@ import dataclasses
 import shutil
 import sys
 import tomllib
+import types
 import typing
 from pathlib import Path
 
@@ -145,7 +146,15 @@ def item_class(expected: object) -> type | None:
     return None
 
 
+def unwrap_optional(expected: object) -> object:
+    """`float | None` -> float: a setting that may be left unset (None: decided at run time) takes a float."""
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return next(arg for arg in typing.get_args(expected) if arg is not type(None))
+    return expected
+
+
 def check_value(name: str, value: object, expected: object, source: str) -> None:
+    expected = unwrap_optional(expected)
     origin = typing.get_origin(expected)
     if origin is typing.Literal:
         choices = typing.get_args(expected)
@@ -222,7 +231,7 @@ def build(cls: type, raw: dict, source: str):
         elif item_class(expected):
             kwargs[key] = [build(item_class(expected), item, source) for item in value]
         else:
-            kwargs[key] = float(value) if expected is float else value
+            kwargs[key] = float(value) if unwrap_optional(expected) is float else value
     return cls(**kwargs)
 
 
@@ -231,36 +240,90 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
-    """The fully resolved recipe as TOML that `load_recipe` reads back to the same settings."""
-    lines: list[str] = []
+    """The fully resolved recipe as TOML that `load_recipe` reads back to the same settings. Values are
+    written by tomli-w; a list of tables ([[eval.tasks]]) is written as such, one table each, to stay readable."""
+    import tomli_w
+
+    parts = []
     for section, table in recipe_to_dict(recipe).items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in table.items() if not is_table_list(value))
-        lines.append("")
+        plain = {key: value for key, value in table.items() if not is_table_list(value) and value is not None}
+        parts.append(tomli_w.dumps({section: plain}))
         for key, items in ((k, v) for k, v in table.items() if is_table_list(v)):
-            for item in items:
-                lines.append(f"[[{section}.{key}]]")
-                lines.extend(f"{name} = {toml_value(value)}" for name, value in item.items())
-                lines.append("")
-    return "\n".join(lines)
+            parts += [f"[[{section}.{key}]]\n{tomli_w.dumps(item)}" for item in items]
+    return "\n".join(parts)
 
 
 def is_table_list(value: object) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
 
 
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One recipe key, as `llmkit recipe keys` lists it."""
+
+    name: str  # table.key (eval.tasks[].kind for a key of each [[eval.tasks]] table)
+    type: str
+    default: object
+    comment: str  # the comment beside the field in llmkit/settings.py: its documentation
+
+
+def recipe_keys(table: str | None = None) -> list[Key]:
+    """Every recipe key (of one table) with its type, default and documentation, read from the settings
+    classes and their source comments: the defaults and their words live in one place, settings.py."""
+    import inspect
+
+    tables = {field.name: field for field in dataclasses.fields(Recipe)}
+    if table is not None and table not in tables:
+        raise LlmkitError(f"no recipe table [{table}]{did_you_mean(table, tables)} (tables: {', '.join(tables)})")
+    comments = field_comments(Path(inspect.getsourcefile(Recipe)))
+    chosen = [tables[table]] if table else list(tables.values())
+    return [key for field in chosen for key in table_keys(field.name, field.default_factory(), comments)]
+
+
+def table_keys(prefix: str, instance, comments: dict[tuple[str, str], str]) -> list[Key]:
+    hints = typing.get_type_hints(type(instance))
+    keys = []
+    for field in dataclasses.fields(instance):
+        expected = hints[field.name]
+        if item_class(expected):
+            keys += table_keys(f"{prefix}.{field.name}[]", item_class(expected)(), comments)
+            continue
+        if dataclasses.is_dataclass(expected):
+            keys += table_keys(f"{prefix}.{field.name}", getattr(instance, field.name), comments)
+            continue
+        owner = next(cls.__name__ for cls in type(instance).__mro__ if field.name in getattr(cls, "__annotations__", {}))
+        keys.append(Key(f"{prefix}.{field.name}", type_label(expected), getattr(instance, field.name),
+                        comments.get((owner, field.name), "")))
+    return keys
+
+
+def type_label(expected: object) -> str:
+    plain = unwrap_optional(expected)
+    if typing.get_origin(plain) is typing.Literal:
+        label = " | ".join(map(repr, typing.get_args(plain)))
+    elif typing.get_origin(plain) is list:
+        label = f"list of {typing.get_args(plain)[0].__name__}"
+    else:
+        label = getattr(plain, "__name__", str(plain))
+    return label + (" or unset" if plain is not expected else "")
+
+
+def field_comments(source: Path) -> dict[tuple[str, str], str]:
+    """(class, field) -> the comment at the end of the field's line in a settings module."""
+    import ast
+    import io
+    import tokenize
+
+    text = source.read_text(encoding="utf-8")
+    by_line = {token.start[0]: token.string.lstrip("# ").strip()
+               for token in tokenize.generate_tokens(io.StringIO(text).readline) if token.type == tokenize.COMMENT}
+    comments = {}
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    comments[(node.name, item.target.id)] = by_line.get(item.end_lineno, "")
+    return comments
 
 
 def shipped_recipes_dir() -> Path:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+from llmkit.corpora import BUILTIN_CORPORA, BUILTIN_DATASETS
 from llmkit.errors import LlmkitError
+from llmkit.recipe import looks_local
 from llmkit.rundir import read_jsonl, write_text
+from llmkit.tasks import HEADS
 
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans SC", "Noto Serif CJK SC",
              "Source Han Sans SC", "Source Han Sans CN", "Source Han Sans", "WenQuanYi Micro Hei",
@@ -47,11 +51,40 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def write_model_card(path: Path, *, name: str, description: str, loader: str, model, tokenizer, data: str,
-                     steps: int, metrics: dict, samples: list[str]) -> None:
-    """README.md of a model: what it is, how it was made, its scores, and how to load it."""
+# ---------------------------------------------------------------- model card
+
+TIMINGS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time")  # logged beside scores
+BUILTIN_LANGUAGE = "zh"  # the language of llmkit.corpora's corpora and data sets
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Metrics measured on one split of one data source: rows of the card's table and one `model-index`
+    entry of its YAML."""
+
+    source: str  # as the recipe names it: built-in NAME or NAME:SPLIT, hub dataset, file or folder
+    split: str  # what the scores are of: "validation", "test", ...
+    values: dict  # metric -> value; transformers' "eval_" prefix, its timings and non-floats are dropped
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What a model is and was made from: the card's pipeline tag, base_model, datasets, language and tags."""
+
+    head: str  # a key of llmkit.tasks.HEADS
+    base: str = ""  # the model it was made from (hub id or local path); "" = from scratch
+    relation: str = ""  # how, in the hub's words (base_model_relation): finetune, adapter, quantized
+    training: tuple[str, ...] = ()  # the data sources it learned from
+    tags: tuple[str, ...] = ()  # what made it: pretrain, finetune, classification, lora, quantized, ...
+
+
+def write_model_card(path: Path, *, name: str, description: str, origin: Origin, model, tokenizer, data: str,
+                     steps: int, scores: list[Scores], samples: list[str]) -> None:
+    """README.md of a model: what it is, how it was made, its scores, and how to load it; its YAML block
+    says the same to the hub and other tools."""
     parameters = sum(p.numel() for p in model.parameters())
     config = model.config
+    loader = HEADS[origin.head].auto_class
     lines = [
         f"# {name}",
         "",
@@ -65,7 +98,8 @@ def write_model_card(path: Path, *, name: str, description: str, loader: str, mo
         f"| data | {data} |",
         f"| steps | {steps:,} |",
     ]
-    lines += [f"| {key} | {value:.4f} |" for key, value in metrics.items() if isinstance(value, float)]
+    lines += [f"| {part.split} {metric} | {value:.4f} |"
+              for part in scores for metric, value in measured(part.values).items()]
     lines += [
         "",
         "## Use",
@@ -81,7 +115,87 @@ def write_model_card(path: Path, *, name: str, description: str, loader: str, mo
     ]
     if samples:
         lines += ["", "## Samples", ""] + [f"- {text}" for text in samples]
-    write_text(path, "\n".join(lines) + "\n")
+    write_text(path, model_card(name, origin, scores, lines))
+
+
+def model_card(name: str, origin: Origin, scores: list[Scores], lines: list[str]) -> str:
+    """The text of a README.md: the YAML block (huggingface_hub's ModelCardData) above the Markdown `lines`;
+    parsed back by huggingface_hub's ModelCard, so that what is written is what the hub reads."""
+    from huggingface_hub import ModelCard
+
+    return str(ModelCard(f"---\n{card_data(name, origin, scores).to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
+
+
+def card_data(name: str, origin: Origin, scores: list[Scores]):
+    """library_name, tags, pipeline_tag, base_model (a hub id only: a local path means nothing on the hub,
+    and the hub refuses a base_model it does not know), hub datasets trained on, the language of the
+    built-in data, and the scores as `model-index`."""
+    from huggingface_hub import ModelCardData
+
+    results = eval_results(origin, scores)
+    base = origin.base if hub_id(origin.base) else None
+    sources = (*origin.training, *(part.source for part in scores))
+    return ModelCardData(
+        library_name="transformers",
+        tags=["llmkit", *origin.tags],
+        pipeline_tag=HEADS[origin.head].pipeline_tag,
+        base_model=base,
+        base_model_relation=origin.relation if base and origin.relation else None,
+        datasets=[source for source in origin.training if hub_id(source)] or None,
+        language=BUILTIN_LANGUAGE if any(builtin(source) for source in sources) else None,
+        model_name=name if results else None,
+        eval_results=results or None,
+    )
+
+
+def eval_results(origin: Origin, scores: list[Scores]) -> list:
+    """One huggingface_hub EvalResult per metric: task type (the pipeline tag), data set (type = its id,
+    name = as the recipe names it, split) and metric (type, value, name)."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for part in scores:
+        dataset, shown, split = dataset_of(part.source, part.split)
+        results += [EvalResult(task_type=HEADS[origin.head].pipeline_tag, dataset_type=dataset, dataset_name=shown,
+                               dataset_split=split, metric_type=metric, metric_value=value,
+                               metric_name=f"{part.split} {metric}")
+                    for metric, value in measured(part.values).items()]
+    return results
+
+
+def measured(values: dict) -> dict:
+    """The scores in a dict of metrics: floats, without transformers' "eval_" prefix and its timings."""
+    scores = {key.removeprefix("eval_"): value for key, value in values.items() if isinstance(value, float)}
+    return {metric: value for metric, value in scores.items() if metric not in TIMINGS}
+
+
+def dataset_of(source: str, split: str) -> tuple[str, str, str]:
+    """(id, name, split) of a data source in a card: a built-in NAME:SPLIT names its own split; a local
+    file or folder goes by its name, not by a path on this machine."""
+    name, colon, named_split = source.partition(":")
+    if builtin(source):
+        return name, source, named_split if colon else split
+    shown = source if hub_id(source) else Path(source).name
+    return shown, shown, split
+
+
+def builtin(source: str) -> bool:
+    """A corpus or data set of llmkit.corpora (NAME or NAME:SPLIT)."""
+    return source.partition(":")[0] in (*BUILTIN_CORPORA, *BUILTIN_DATASETS)
+
+
+def hub_id(name: str) -> bool:
+    """Whether a model or data source names a hub repository (owner/name, or a bare name such as gpt2)
+    rather than something on this machine (llmkit.recipe.looks_local) or built in."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or builtin(name) or looks_local(name) or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- attention
@@ -143,9 +257,9 @@ _warned: set[str] = set()
 def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        from llmkit.console import error_console
+        from llmkit.console import console
 
-        error_console.print(f"warning: {message}", markup=False)
+        console.print(f"warning: {message}", markup=False)
 
 
 def plot_attention(tokens: list[str], weights, path: str | Path, layer: int | None = None,

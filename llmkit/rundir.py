@@ -252,13 +252,20 @@ def skipped_checkpoints(run_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------- runs/latest
 
 
-def point_latest(run_dir: Path) -> None:
-    """Make <output_dir>/latest point at this run, so that commands can default to the newest model. Only
-    a link (or llmkit's pointer file) is replaced; a file or folder of that name that a user made stays."""
-    link = run_dir.parent / LATEST
+def latest_name(head: str = "causal-lm") -> str:
+    """The pointer to the newest model with `head` (llmkit.tasks.HEADS): `latest` for language models that
+    generate, `latest-<head>` for the others, so that a classifier never becomes what `generate` runs."""
+    return LATEST if head == "causal-lm" else f"{LATEST}-{head}"
+
+
+def point_latest(run_dir: Path, head: str = "causal-lm") -> None:
+    """Make <output_dir>/latest (or latest-<head>) point at this run, so that commands default to the
+    newest model of the kind they use. Only a link (or llmkit's pointer file) is replaced; a file or folder of
+    that name that a user made stays."""
+    link = run_dir.parent / latest_name(head)
     if link.exists() and not link.is_symlink() and not is_latest_pointer(link):
         return
-    temporary = run_dir.parent / f".{LATEST}.{os.getpid()}"
+    temporary = run_dir.parent / f".{link.name}.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         temporary.unlink()
     try:
@@ -359,8 +366,9 @@ def truncate_metrics(path: Path, after_step: int) -> None:
 # ---------------------------------------------------------------- provenance
 
 
-def provenance(data_fingerprint: str, world_size: int) -> dict:
-    """How this run was made: versions, code commit, data, command line."""
+def provenance(data_fingerprint: str, world_size: int, record_host: bool = False) -> dict:
+    """How this run was made: versions, code commit, data, command line; the machine's name only when asked
+    (run.record_host): a run shared on the hub should not say where it was made."""
     versions = {}
     for name in LIBRARIES:
         try:
@@ -375,8 +383,7 @@ def provenance(data_fingerprint: str, world_size: int) -> dict:
         "git_commit": git_commit(),
         "data_fingerprint": data_fingerprint,
         "world_size": world_size,
-        "host": platform.node(),
-    }
+    } | ({"host": platform.node()} if record_host else {})
 
 
 def git_commit() -> str | None:

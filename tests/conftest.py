@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
+
+# llmkit's own progress on stderr (results go to stdout): the setup line, training and evaluation steps,
+# samples, resuming, and the notice of a first Ctrl-C/SIGTERM. Anything else on stderr is a problem or noise.
+PROGRESS = re.compile(r"(model: \w+, .* parameters|\w[\w-]* by \w[\w-]*: .* parameters|step \d+/\d+  loss |"
+                      r"step \d+: eval loss |  sample: |resuming (from|with changed) |skipping .*: incomplete|"
+                      r"\n?SIG(INT|TERM): saving a checkpoint after this step)")
+
+
+def problems(stderr: str) -> list[str]:
+    """The lines of stderr that are not llmkit's own progress."""
+    return [line for line in stderr.splitlines() if line.strip() and not PROGRESS.match(line)]
+
 
 # Runs in tests must never reach the network (there is none here) nor a shared cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

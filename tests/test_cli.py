@@ -59,3 +59,33 @@ def test_recipe_copy_then_check(tmp_path):
     assert runner.invoke(app, ["recipe", "copy", "pretrain-zh-tiny", str(tmp_path)]).exit_code == 0
     result = runner.invoke(app, ["recipe", "check", str(tmp_path / "pretrain-zh-tiny.toml")])
     assert result.exit_code == 0 and result.stdout.strip().endswith(": ok")
+
+
+def test_version_is_printed_without_a_command():
+    from llmkit import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"llmkit {__version__}\n"
+
+
+def test_recipe_keys_lists_every_key_with_type_default_and_its_comment():
+    import dataclasses
+    import json
+
+    from llmkit.settings import Recipe
+
+    result = runner.invoke(app, ["recipe", "keys", "--json"])
+    assert result.exit_code == 0, result.output
+    keys = {key["name"]: key for key in json.loads(result.stdout)}
+    leaves = {f"{table.name}.{field.name}" for table in dataclasses.fields(Recipe)
+              for field in dataclasses.fields(table.default_factory()) if field.name not in ("tasks", "task")}
+    assert leaves <= set(keys) and "eval.tasks[].kind" in keys and "quantize.task.source" in keys
+    assert all(key["comment"] for key in keys.values())
+    assert keys["train.learning_rate"] == {"name": "train.learning_rate", "type": "float", "default": 0.001,
+                                           "comment": "peak learning rate, after warm-up"}
+    assert keys["generate.temperature"]["type"] == "float or unset" and keys["generate.temperature"]["default"] is None
+    assert keys["finetune.task"]["type"].startswith("'classification' | 'token-classification'")
+    one_table = runner.invoke(app, ["recipe", "keys", "distill"])
+    assert one_table.exit_code == 0 and "distill.temperature" in one_table.stdout and "train." not in one_table.stdout
+    wrong = runner.invoke(app, ["recipe", "keys", "trian"])
+    assert wrong.exit_code == 2 and "no recipe table [trian] (did you mean 'train'?)" in wrong.stderr

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from llmkit.data import fingerprint, load_documents, load_text_splits, pack_blocks
+from llmkit.data import fingerprint, load_documents, load_rows, load_text_splits, pack_blocks
 from llmkit.errors import LlmkitError
 from llmkit.settings import DataSettings, TokenizerSettings
 from llmkit.splits import count_chars, split_documents
@@ -288,6 +288,17 @@ def test_local_looking_source_that_is_not_there_is_not_a_hub_dataset(tmp_path, m
     for source in ("data/missing", "./missing", "a/b/c"):
         with pytest.raises(LlmkitError, match=rf"^data source not found: {source} \(no such file or folder\)$"):
             load(source)
+
+
+def test_hub_dataset_keeps_the_columns_asked_for_or_all_when_none_are(tmp_path, monkeypatch):
+    """Text sources read one column of a wide data set; fine-tuning chat data asks for none and needs them all."""
+    import datasets
+
+    hub = datasets.Dataset.from_list([{"text": "文本", "label": "a", "id": 1}])
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: hub)
+    monkeypatch.chdir(tmp_path)
+    assert load_rows("someone/data", ["text"]) == [{"text": "文本"}]
+    assert load_rows("someone/data", []) == [{"text": "文本", "label": "a", "id": 1}]
 
 
 def test_misspelled_built_in_source_suggests_the_closest():

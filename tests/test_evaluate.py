@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import tomli_w
 import torch
 from typer.testing import CliRunner
 
@@ -16,7 +17,6 @@ from llmkit.errors import LlmkitError
 from llmkit.evaluate import run
 from llmkit.metrics import classification_metrics
 from llmkit.loading import load_model
-from llmkit.recipe import toml_value
 from tests.conftest import char_tokenizer, save_tiny_model
 
 runner = CliRunner()
@@ -35,12 +35,9 @@ def write_jsonl(path, rows):
 
 def evaluate(tmp_path, model, *tasks, **eval_settings):
     """Metrics of the first task for `model`, through a recipe file with [[eval.tasks]] tables."""
-    lines = ["[eval]", f"output = {toml_value(str(tmp_path / 'eval.json'))}"]
-    lines += [f"{key} = {toml_value(value)}" for key, value in eval_settings.items()]
-    for task in tasks:
-        lines += ["[[eval.tasks]]"] + [f"{key} = {toml_value(value)}" for key, value in task.items()]
     recipe = tmp_path / "eval-recipe.toml"
-    recipe.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    recipe.write_text(tomli_w.dumps({"eval": {"output": str(tmp_path / "eval.json"), **eval_settings,
+                                              "tasks": list(tasks)}}), encoding="utf-8")
     return run(load_recipe(recipe), models=[str(model)])[0].metrics
 
 

@@ -24,6 +24,7 @@ from llmkit.errors import Interrupted
 from llmkit import tasks
 from llmkit.training import LlmkitTrainer
 from llmkit.settings import DistillSettings, FinetuneSettings
+from llmkit.rundir import latest_name
 from llmkit.task_data import TaskData
 from llmkit.training import StopOnInterrupt
 from tests.conftest import char_tokenizer, save_tiny_model
@@ -236,6 +237,10 @@ def test_every_task_and_method_trains_and_the_run_reloads_and_predicts(base, dat
     recipe = load_recipe(None, overrides(base, data, tmp_path / "runs", "ft", task, method, "train.batch_size=48"))
     result = finetune.run(recipe, callbacks=[watch])
     assert result.test_metrics and result.validation_metrics
+    # The run is the newest model of its head; only a causal LM becomes what `generate` runs by default.
+    head = tasks.TASKS[task].head
+    assert (tmp_path / "runs" / latest_name(head)).resolve() == result.run_dir.resolve()
+    assert (tmp_path / "runs" / "latest").exists() == (head == "causal-lm")
     # Training moved exactly what it trains (everything, or the adapter and the new head, leaving the base
     # frozen) and lowered the loss over the training set.
     begin, end = watch.begin, watch.end
@@ -454,8 +459,8 @@ def test_truncation_is_reported(recipe_file, tmp_path, base, data):
     result = invoke_finetune(recipe_file, tmp_path, base, data, ["finetune.max_length=8"])
     assert result.exit_code == 0, result.output
     assert re.search(r"\d+ of \d+ training examples are longer than finetune.max_length = 8 tokens and were "
-                     r"truncated", result.stdout)
-    assert re.search(r"\d+ of \d+ validation examples are longer than finetune.max_length = 8", result.stdout)
+                     r"truncated", result.stderr)
+    assert re.search(r"\d+ of \d+ validation examples are longer than finetune.max_length = 8", result.stderr)
 
 
 # ---------------------------------------------------------------- losses

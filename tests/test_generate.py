@@ -467,3 +467,36 @@ def test_cli_dtype_reaches_the_model(tiny_dir, monkeypatch):
         assert {parameter.dtype for parameter in model.parameters()} == {getattr(torch, dtype)}
         expected = generate_text(model, tokenizer, "今天", replace(GREEDY, max_new_tokens=4)).text
         assert result.stdout == "今天" + expected + "\n"
+
+
+def test_generation_starts_from_the_models_generation_config_and_what_is_set_wins(tiny_dir, tmp_path):
+    """A model made elsewhere brings its sampling settings and end ids (a list, as chat models have);
+    llmkit's own models set none, so llmkit's defaults hold for them; a recipe or flag overrides either."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from llmkit.generation import DEFAULT_SAMPLING, generation_kwargs
+
+    def sampling(kwargs):
+        return {key: kwargs[key] for key in DEFAULT_SAMPLING}
+
+    model, tokenizer = loading.load_model(str(tiny_dir))
+    assert sampling(generation_kwargs(GenerateSettings(), tokenizer, model)) == DEFAULT_SAMPLING
+    first = generate_text(model, tokenizer, "今天", replace(GREEDY, max_new_tokens=1)).ids[-1]
+    assert first != tokenizer.eos_token_id
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tiny_dir, elsewhere)
+    config = GenerationConfig.from_model_config(model.config)
+    config.update(do_sample=True, temperature=0.3, top_k=7, repetition_penalty=1.0,
+                  eos_token_id=[tokenizer.eos_token_id, first])
+    config.save_pretrained(elsewhere)
+    model, tokenizer = loading.load_model(str(elsewhere))
+    kwargs = generation_kwargs(GenerateSettings(), tokenizer, model)
+    assert sampling(kwargs) == {"temperature": 0.3, "top_k": 7, "top_p": 0.95, "repetition_penalty": 1.0}
+    assert kwargs["eos_token_id"] == [tokenizer.eos_token_id, first]
+    chosen = generation_kwargs(GenerateSettings(temperature=1.2, top_k=0), tokenizer, model)
+    assert sampling(chosen) == {"temperature": 1.2, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.0}
+    stopped = generate_text(model, tokenizer, "今天", GREEDY)  # its first token is one of the model's end ids
+    assert stopped.new_tokens == 1 < GREEDY.max_new_tokens

@@ -1,6 +1,8 @@
 """Finding, loading and building models (llmkit.loading): a local-looking name that is not there is an
 error, never a hub download attempt; configs and models built from a recipe have the size and head asked for."""
 
+from pathlib import Path
+
 import pytest
 
 from llmkit.errors import LlmkitError
@@ -178,3 +180,19 @@ def test_block_size_beyond_the_loaded_models_positions_is_refused(saved_model, c
 def test_model_path_without_a_model_is_refused(tmp_path, causal):
     with pytest.raises(LlmkitError, match=f"model.path {tmp_path}: not a model"):
         build_model(recipe(f"model.path={tmp_path}"), causal)
+
+
+def test_the_default_model_is_the_newest_one_with_the_head_the_command_uses(workdir):
+    from llmkit.rundir import make_owned, point_latest
+
+    for name in ("lm", "classifier"):
+        make_owned(workdir / "runs" / name, "run")
+        (workdir / "runs" / name / "config.json").write_text("{}")
+    point_latest(workdir / "runs" / "lm")
+    point_latest(workdir / "runs" / "classifier", "sequence-classification")  # after the LM: it must not hijack it
+    assert Path(resolve_model(None, "runs")).resolve() == (workdir / "runs" / "lm").resolve()
+    assert Path(resolve_model(None, "runs", "sequence-classification")).resolve() == (workdir / "runs" / "classifier").resolve()
+    with pytest.raises(LlmkitError, match=r"^no trained question-answering model found in runs/ \(no runs/latest-question-answering\); "
+                                          r"train one or pass --model$"):
+        resolve_model(None, "runs", "question-answering")
+

@@ -165,11 +165,14 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny, tmp_path):
     overrides = [arg for o in [*tiny, "train.max_steps=500", "train.save_every=1000"] for arg in ("--set", o)]
     process = subprocess.Popen([*LLMKIT, "pretrain", "pretrain-zh-tiny", *overrides], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in process.stdout:  # wait until training is under way
+    progress = []
+    for line in process.stderr:  # wait until training is under way (progress is on stderr)
+        progress.append(line)
         if line.startswith("step 2/"):
             break
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    _, rest = process.communicate(timeout=120)
+    stderr = "".join(progress) + rest
     assert process.returncode == 130, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
     checkpoints = list((tmp_path / "runs" / "tiny" / "checkpoints").glob("checkpoint-*"))
@@ -220,7 +223,7 @@ def test_two_process_torchrun_trains_what_one_process_does_on_the_same_global_ba
 
     result = pretrain(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "2 process(es)" in result.stdout
+    assert "2 process(es)" in result.stderr
     run_dir = tmp_path / "runs" / "tiny"
     assert json.loads((run_dir / "provenance.json").read_text())["world_size"] == 2
     # 2 ranks x 8 blocks with gradients averaged = one process on 16 blocks (measured: within 1e-7). Ranks

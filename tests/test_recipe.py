@@ -112,6 +112,16 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert load_recipe(path) == recipe
 
 
+def test_strings_with_line_breaks_quotes_and_dotted_keys_round_trip(tmp_path):
+    """What the hand-written TOML writer broke on: a carriage return, and a dotted key in a table value."""
+    recipe = load_recipe("eval-ppl", ['generate.stop=["\\r\\n", "\\"x\\"", "a\\\\b"]', "run.name=run\twith-tab",
+                                      'distributed.fsdp_config={"a.b" = 1, "c" = ["d"]}'])
+    assert recipe.generate.stop == ["\r\n", '"x"', "a\\b"] and recipe.distributed.fsdp_config == {"a.b": 1, "c": ["d"]}
+    path = tmp_path / "resolved.toml"
+    path.write_text(recipe_to_toml(recipe), encoding="utf-8")
+    assert load_recipe(path) == recipe and "[[eval.tasks]]" in path.read_text(encoding="utf-8")
+
+
 def test_copy_refuses_to_overwrite(tmp_path):
     target = copy_recipe("pretrain-zh-tiny", tmp_path)
     assert target.read_text(encoding="utf-8") == (shipped_recipes_dir() / "pretrain-zh-tiny.toml").read_text(encoding="utf-8")

@@ -23,7 +23,7 @@ import pytest
 
 from llmkit import rundir
 from llmkit.errors import LlmkitError
-from tests.conftest import TINY
+from tests.conftest import TINY, problems
 
 pytestmark = pytest.mark.slow
 LLMKIT = [sys.executable, "-m", "llmkit"]
@@ -67,8 +67,9 @@ def driven(cwd: Path, env: dict, hook: dict, *args: str, timeout: int = 300) -> 
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:
-    """stderr must be exactly one line (the problem, named); it is returned."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    """Beside llmkit's progress (a run may have trained before it stopped), stderr must be exactly one line
+    (the problem, named); it is returned."""
+    lines = problems(result.stderr)
     assert len(lines) == 1, f"stderr is not one line:\n{result.stderr}\nstdout:\n{result.stdout[-3000:]}"
     return lines[0]
 
@@ -587,7 +588,7 @@ def test_a_running_run_refuses_a_second_command_and_sigterm_leaves_it_resumable(
     newest = sealed_steps(run_dir)[-1]
     result = llmkit(tmp_path, env, *PRETRAIN, *sets([*overrides, f"train.max_steps={newest + 1}"]), "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"checkpoint-{newest}" in result.stdout and "train.max_steps" in result.stdout
+    assert f"checkpoint-{newest}" in result.stderr and "train.max_steps" in result.stderr
     assert [step for step, _ in losses(run_dir)] == list(range(1, newest + 2))
     assert (run_dir / "model.safetensors").is_file()
     assert_survived(tmp_path, before)  # the file named `latest` included
@@ -626,9 +627,9 @@ def test_an_evaluated_run_with_a_torn_metrics_line_resumes_and_its_recipe_is_che
 
     result = llmkit(tmp_path, env, *args, "--force", "--set", "train.max_steps=7")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming with changed" in result.stdout and "train.learning_rate" in result.stdout
-    assert "train.max_steps" in result.stdout
-    assert "resuming from runs/tiny/checkpoints/checkpoint-6" in result.stdout, result.stdout
+    assert "resuming with changed" in result.stderr and "train.learning_rate" in result.stderr
+    assert "train.max_steps" in result.stderr
+    assert "resuming from runs/tiny/checkpoints/checkpoint-6" in result.stderr, result.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5, 6, 7]
     assert not any("eval_task" in row for row in rows)
@@ -650,8 +651,8 @@ def test_resume_skips_damaged_checkpoints_and_equals_an_uninterrupted_run(tmp_pa
     result = llmkit(tmp_path, env, *PRETRAIN, *sets([*REFERENCE, "run.name=tiny"]), "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     for step in (4, 5, 6):
-        assert f"skipping runs/tiny/checkpoints/checkpoint-{step}: incomplete" in result.stdout, result.stdout
-    assert "resuming from runs/tiny/checkpoints/checkpoint-3" in result.stdout, result.stdout
+        assert f"skipping runs/tiny/checkpoints/checkpoint-{step}: incomplete" in result.stderr, result.stderr
+    assert "resuming from runs/tiny/checkpoints/checkpoint-3" in result.stderr, result.stderr
     assert_same_weights(run_dir, reference)
     assert losses(run_dir) == losses(reference)
     assert sealed_steps(run_dir) == [3, 4, 5, 6]
@@ -689,9 +690,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, env, referenc
         assert not (checkpoints / f"checkpoint-{skipped}" / rundir.SEAL).exists()
     result = llmkit(tmp_path, env, *args, "--resume")  # no lock left behind by the killed process
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from runs/tiny/checkpoints/checkpoint-{start}" in result.stdout, result.stdout
+    assert f"resuming from runs/tiny/checkpoints/checkpoint-{start}" in result.stderr, result.stderr
     if skipped:
-        assert f"skipping runs/tiny/checkpoints/checkpoint-{skipped}: incomplete" in result.stdout, result.stdout
+        assert f"skipping runs/tiny/checkpoints/checkpoint-{skipped}: incomplete" in result.stderr, result.stderr
     assert_same_weights(run_dir, reference)
     assert losses(run_dir) == losses(reference)
     assert losses(run_dir, "eval_loss") == losses(reference, "eval_loss")
@@ -718,3 +719,12 @@ def test_quantize_leaves_an_output_someone_made_meanwhile(tmp_path, env, referen
     assert sorted(p.name for p in (tmp_path / "runs" / "small").iterdir()) == ["mine.txt"]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["other", "small"]  # no staging left
     assert_survived(tmp_path, before)
+
+
+def test_provenance_names_the_machine_only_when_asked():
+    import platform
+
+    assert "host" not in rundir.provenance("f" * 64, 1)
+    assert rundir.provenance("f" * 64, 1, record_host=True)["host"] == platform.node()
+    assert {"versions", "git_commit", "command", "data_fingerprint", "world_size"} <= set(rundir.provenance("f", 2))
+

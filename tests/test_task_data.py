@@ -1,7 +1,8 @@
 """Fine-tuning data without a model: hold-out, label names, row checks, features on a character
 tokenizer, and the prompt-tuning collator. Covers llmkit/task_data.py, llmkit/splits.py (hold-out) and the
 row checks, encoders and collators of llmkit/task_kinds/classification.py, llmkit/task_kinds/token_classification.py,
-llmkit/task_kinds/extractive_qa.py and llmkit/task_kinds/causal_lm.py (their scorers: tests/test_evaluate.py)."""
+llmkit/task_kinds/extractive_qa.py and llmkit/task_kinds/causal_lm.py (their scorers: tests/test_evaluate.py), with
+the SFT formats causal-lm reads from files and from a hub data set (datasets.load_dataset replaced)."""
 
 import json
 
@@ -11,7 +12,7 @@ import torch
 from llmkit.errors import LlmkitError
 from llmkit.settings import FinetuneSettings
 from llmkit.splits import hold_out
-from llmkit.task_data import TaskData, collator, encode, label_names, load_task_data
+from llmkit.task_data import TaskData, collator, encode, label_names, load_task_data, read_rows
 from llmkit.task_kinds import causal_lm, extractive_qa
 from llmkit.task_kinds.causal_lm import PLAIN_CHAT_TEMPLATE
 from llmkit.task_kinds.common import IGNORE
@@ -112,8 +113,131 @@ def test_chat_row_without_an_assistant_turn_is_refused():
     settings = FinetuneSettings(task="causal-lm")
     with pytest.raises(LlmkitError, match="row 3: no assistant message to learn"):
         chat_messages({"messages": [{"role": "user", "content": "你好"}]}, settings, "row 3")
-    with pytest.raises(LlmkitError, match="row 4: expected text fields 'prompt' and 'response'"):
+    with pytest.raises(LlmkitError, match=r"row 4: no SFT format fits the fields \['prompt'\]"):
         chat_messages({"prompt": "你好"}, settings, "row 4")
+
+
+# ---------------------------------------------------------------- SFT formats (causal-lm rows)
+
+HELLO = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "您好"}]
+
+
+def sft_rows(tmp_path, rows: list[dict], **settings) -> list[dict]:
+    """Rows of a JSONL file as fine-tuning reads them (llmkit.task_data.read_rows): {"messages": [...]} each."""
+    settings = FinetuneSettings(task="causal-lm", **settings)
+    return read_rows(settings, write_jsonl(tmp_path / "sft.jsonl", rows), "train")
+
+
+def plain_chat(tokenizer, *parts: str) -> tuple[list[int], list[int]]:
+    """input_ids and labels under the plain template: <s>, then parts alternating between text without loss
+    and an answer that is learned with its </s>."""
+    input_ids, labels = [tokenizer.bos_token_id], [IGNORE]
+    for number, part in enumerate(parts):
+        learned = number % 2 == 1
+        tokens = ids(tokenizer, part) + ([tokenizer.eos_token_id] if learned else [])
+        input_ids += tokens
+        labels += tokens if learned else [IGNORE] * len(tokens)
+    return input_ids, labels
+
+
+def features_of(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    settings = FinetuneSettings(task="causal-lm", max_length=64)
+    return [(feature["input_ids"], feature["labels"]) for feature in encode(settings, tokenizer, rows, []).rows]
+
+
+def test_alpaca_rows_put_input_under_the_instruction_and_history_and_system_first(tmp_path, tokenizer):
+    rows = sft_rows(tmp_path, [
+        {"instruction": "天气", "input": "今天", "output": "很好"},
+        {"instruction": "你好", "input": "", "output": "您好", "system": "礼貌", "history": [["早", "早上好"]]}])
+    assert rows == [
+        {"messages": [{"role": "user", "content": "天气\n今天"}, {"role": "assistant", "content": "很好"}]},
+        {"messages": [{"role": "system", "content": "礼貌"}, {"role": "user", "content": "早"},
+                      {"role": "assistant", "content": "早上好"}, *HELLO]}]
+    assert features_of(tokenizer, rows) == [plain_chat(tokenizer, "问：天气\n今天答：", "很好"),
+                                            plain_chat(tokenizer, "礼貌问：早答：", "早上好", "问：你好答：", "您好")]
+
+
+def test_sharegpt_rows_map_human_and_gpt_to_user_and_assistant(tmp_path, tokenizer):
+    rows = sft_rows(tmp_path, [
+        {"conversations": [{"from": "system", "value": "礼貌"}, {"from": "human", "value": "你好"},
+                           {"from": "gpt", "value": "您好"}, {"from": "user", "value": "再见"},
+                           {"from": "assistant", "value": "再会"}]},
+        {"system": "礼貌", "conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "您好"}]}])
+    assert rows == [
+        {"messages": [{"role": "system", "content": "礼貌"}, *HELLO, {"role": "user", "content": "再见"},
+                      {"role": "assistant", "content": "再会"}]},
+        {"messages": [{"role": "system", "content": "礼貌"}, *HELLO]}]
+    assert features_of(tokenizer, rows) == [plain_chat(tokenizer, "礼貌问：你好答：", "您好", "问：再见答：", "再会"),
+                                            plain_chat(tokenizer, "礼貌问：你好答：", "您好")]
+
+
+def test_chat_messages_are_read_from_the_recipe_column(tmp_path, tokenizer):
+    rows = sft_rows(tmp_path, [{"chat": [{"role": "user", "content": "你好"}, {"role": "model", "content": "您好"}]}],
+                    messages_column="chat")
+    assert rows == [{"messages": HELLO}]  # Gemini's "model" is the assistant
+    assert features_of(tokenizer, rows) == [plain_chat(tokenizer, "问：你好答：", "您好")]
+
+
+def test_prompt_response_rows_are_read_from_the_recipe_columns(tmp_path, tokenizer):
+    rows = sft_rows(tmp_path, [{"question": "你好", "answer": "您好"}], prompt_column="question",
+                    response_column="answer")
+    assert rows == [{"messages": HELLO}]
+    assert features_of(tokenizer, rows) == [plain_chat(tokenizer, "问：你好答：", "您好")]
+
+
+def test_auto_detects_the_format_of_each_row_in_order_and_a_named_format_overrides_it(tmp_path):
+    formats = [{"messages": HELLO},
+               {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "您好"}]},
+               {"instruction": "你好", "output": "您好"},
+               {"prompt": "你好", "response": "您好"}]
+    assert sft_rows(tmp_path, formats) == [{"messages": HELLO}] * 4
+    both = {"messages": HELLO, "instruction": "再见", "output": "再会"}  # messages come first
+    assert sft_rows(tmp_path, [both]) == [{"messages": HELLO}]
+    assert sft_rows(tmp_path, [both], format="alpaca") == [
+        {"messages": [{"role": "user", "content": "再见"}, {"role": "assistant", "content": "再会"}]}]
+
+
+def test_a_row_no_format_fits_is_refused_in_one_line_naming_the_expected_fields(tmp_path):
+    rows = [{"prompt": "你好", "response": "您好"}, {"instruction": "你好", "response": "您好"}]
+    with pytest.raises(LlmkitError) as refused:
+        sft_rows(tmp_path, rows)
+    assert str(refused.value) == (
+        f"{tmp_path / 'sft.jsonl'}: row 2: no SFT format fits the fields ['instruction', 'response'] (expected "
+        "'messages' (messages), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), "
+        "'prompt' + 'response' (prompt-response); or set finetune.format)")
+    with pytest.raises(LlmkitError, match=r"row 1: finetune.format \"sharegpt\" expects 'conversations', "
+                                          r"found fields \['prompt', 'response'\]$"):
+        sft_rows(tmp_path, rows, format="sharegpt")
+    with pytest.raises(LlmkitError, match=r"row 1: 'conversations' must be a list of \{role, content\}"):
+        sft_rows(tmp_path, [{"conversations": [{"from": "human", "text": "你好"}]}])
+    with pytest.raises(LlmkitError, match=r"row 1: 'history' must be a list of \[user, assistant\] text pairs"):
+        sft_rows(tmp_path, [{"instruction": "你好", "output": "您好", "history": [["早"]]}])
+    with pytest.raises(LlmkitError, match='finetune.format "alpaca" is for task "causal-lm", not "classification"'):
+        FinetuneSettings(format="alpaca").check()
+
+
+def test_hub_sft_rows_keep_every_column(tmp_path, monkeypatch):
+    """A hub data set read for causal-lm asks for no columns and keeps them all; a field absent from a row
+    comes as None there, as if it were not given."""
+    import datasets
+
+    hub = datasets.Dataset.from_list([
+        {"instruction": "天气", "input": "今天", "output": "很好", "system": None, "history": None},
+        {"instruction": "你好", "input": None, "output": "您好", "system": "礼貌", "history": [["早", "早上好"]]}])
+    asked = []
+
+    def load_dataset(name, config, split):
+        asked.append((name, split))
+        return hub
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    rows = read_rows(FinetuneSettings(task="causal-lm"), "someone/alpaca-zh", "train")
+    assert asked == [("someone/alpaca-zh", "train")]
+    assert rows == [
+        {"messages": [{"role": "user", "content": "天气\n今天"}, {"role": "assistant", "content": "很好"}]},
+        {"messages": [{"role": "system", "content": "礼貌"}, {"role": "user", "content": "早"},
+                      {"role": "assistant", "content": "早上好"}, *HELLO]}]
 
 
 # ---------------------------------------------------------------- features

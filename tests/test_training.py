@@ -51,3 +51,29 @@ def test_fsdp_strategy_passes_fsdp_options(tmp_path):
 
 def test_gradient_checkpointing_is_passed_on(tmp_path):
     assert arguments(tmp_path, "train.gradient_checkpointing=true").gradient_checkpointing is True
+
+
+def test_report_to_an_unknown_or_missing_integration_is_refused_before_anything_is_written(tmp_path):
+    from llmkit.errors import LlmkitError
+
+    with pytest.raises(LlmkitError, match=r"^train.report_to: unknown integration 'tensorbord' \(did you mean 'tensorboard'\?\)"):
+        arguments(tmp_path, 'train.report_to=["tensorbord"]')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tensorboard_receives_the_losses_of_metrics_jsonl(tiny, tmp_path):
+    """train.report_to = ["tensorboard"]: the event file in <run>/tensorboard, read back with tensorboard's own
+    reader, holds the training losses that metrics.jsonl holds, step for step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from llmkit import pretrain
+    from llmkit.rundir import read_jsonl
+
+    result = pretrain.run(load_recipe("pretrain-zh-tiny", [*tiny, 'train.report_to=["tensorboard"]']))
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    logged = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    expected = [(row["step"], row["loss"]) for row in read_jsonl(result.run_dir / "metrics.jsonl") if "loss" in row]
+    assert len(logged) == len(expected) == 6
+    assert [step for step, _ in logged] == [step for step, _ in expected]
+    assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6)
