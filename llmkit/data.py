@@ -1,4 +1,5 @@
-"""Text data shared by every command: read documents, split, tokenize and pack into blocks.
+"""Text data shared by every command: read documents, split, tokenize and pack into blocks (or, for
+BERT's next-sentence prediction, into pairs of sentences).
 
 Sources: a built-in corpus (llmkit.corpora), a local .txt/.jsonl/.csv/.parquet file or a folder of
 them, or a Hugging Face hub dataset name. Documents keep their order, so the validation split (the
@@ -11,6 +12,7 @@ import csv
 import hashlib
 import io
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,3 +215,51 @@ def pack_blocks(documents: list[str], tokenizer, block_size: int, cache_dir: Pat
 
 def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- next-sentence prediction (train.objective = "mlm+nsp")
+
+SENTENCE_END = re.compile(r"(?<=[。！？!?；;])|\n")  # a sentence ends after these (Chinese and Western), or at a line break
+IS_NEXT, NOT_NEXT = 0, 1  # next_sentence_label as BertForPreTraining reads it
+
+
+def sentences(document: str) -> list[str]:
+    """A document's sentences, cut after sentence-ending punctuation, without the empty ones."""
+    return [part.strip() for part in SENTENCE_END.split(document) if part.strip()]
+
+
+def sentence_pairs(documents: list[str], seed: int) -> list[tuple[str, str, int]]:
+    """BERT's next-sentence prediction data: for every two consecutive sentences (A, B) of a document,
+    (A, B, IS_NEXT), or, half the time (seeded), (A, C, NOT_NEXT) with C a random sentence of another
+    document. Documents of one sentence pair with nothing but can be another's C."""
+    rng = random.Random(seed)
+    split = [sentences(doc) for doc in documents]
+    pool = [(index, sentence) for index, found in enumerate(split) for sentence in found]
+    several = len({index for index, _ in pool}) > 1  # a random sentence of another document exists
+    pairs = []
+    for index, found in enumerate(split):
+        for first, second in zip(found, found[1:]):
+            if several and rng.random() < 0.5:
+                other, sentence = pool[rng.randrange(len(pool))]
+                while other == index:
+                    other, sentence = pool[rng.randrange(len(pool))]
+                pairs.append((first, sentence, NOT_NEXT))
+            else:
+                pairs.append((first, second, IS_NEXT))
+    return pairs
+
+
+def encode_pairs(pairs: list[tuple[str, str, int]], tokenizer, max_length: int):
+    """Sentence pairs as a datasets.Dataset of `[CLS] A [SEP] B [SEP]` (the longer sentence cut first to fit
+    max_length tokens), segment ids (token_type_ids: 0 for A, 1 for B) and next_sentence_label."""
+    import datasets
+
+    if not pairs:
+        return datasets.Dataset.from_dict({"input_ids": [], "token_type_ids": [], "attention_mask": [],
+                                           "next_sentence_label": []})
+    firsts, seconds, labels = zip(*pairs)
+    encoded = tokenizer(list(firsts), list(seconds), truncation="longest_first", max_length=max_length,
+                        return_token_type_ids=True, return_attention_mask=True)
+    return datasets.Dataset.from_dict({"input_ids": encoded["input_ids"], "token_type_ids": encoded["token_type_ids"],
+                                       "attention_mask": encoded["attention_mask"],
+                                       "next_sentence_label": list(labels)})

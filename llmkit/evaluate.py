@@ -21,7 +21,7 @@ from llmkit import tasks
 from llmkit.errors import LlmkitError
 from llmkit.rundir import OWNER_MARK, append_jsonl, write_json
 from llmkit.settings import Recipe
-from llmkit.task_data import score, task_name, task_rows
+from llmkit.task_data import score, table_cells, task_name, task_rows
 
 RESULTS_MARK = "llmkit eval"  # "made_by" of the results file: the only file eval.output may replace
 EVALUATIONS_FILE = "evaluations.jsonl"  # in a run folder: every `llmkit eval` of that run, one row per task
@@ -43,7 +43,8 @@ def run(recipe: Recipe, models: list[str] | None = None, limit: int | None = Non
     settings = recipe.eval
     check_results_file(Path(settings.output))
     limit = settings.limit if limit is None else limit
-    data = {task_name(task): (task, task_rows(task, limit)) for task in settings.tasks}
+    data = {task_name(task): (task, task_rows(task, limit, f"eval.tasks[{index}]"))
+            for index, task in enumerate(settings.tasks)}
     names = models or settings.models
     # No models named: each task scores the newest model with its head (runs/latest, latest-<head>).
     pairs = [(resolve_model(model, recipe.run.output_dir, tasks.TASKS[task.kind].head), name)
@@ -79,9 +80,9 @@ def report(results: list[EvalResult], output: str, console) -> None:
     by_key = {(r.model, r.task): r for r in results}
     for task in dict.fromkeys(r.task for r in results):
         kind = next(r.kind for r in results if r.task == task)
-        for metric in tasks.TASKS[kind].headline:
-            cells = [format_metric(by_key[(m, task)].metrics.get(metric)) for m in models]
-            table.add_row(task, metric, *cells)
+        cells = {m: dict(table_cells(kind, by_key[(m, task)].metrics)) for m in models}
+        for metric in dict.fromkeys(label for m in models for label in cells[m]):
+            table.add_row(task, metric, *(format_metric(cells[m].get(metric)) for m in models))
     console.print(table)
     write_json(Path(output), {"made_by": RESULTS_MARK, "results": [vars(r) for r in results]})
     console.print(f"results written to {output}")
@@ -107,4 +108,10 @@ def check_results_file(path: Path) -> None:
 
 
 def format_metric(value) -> str:
+    """A table cell: 4 places for a fraction, yes/no, and a figure with its 95% interval as `0.6120 [0.5905, 0.6335]`."""
+    if isinstance(value, tuple):
+        figure, (low, high) = value
+        return f"{format_metric(figure)} [{low:.4f}, {high:.4f}]"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)

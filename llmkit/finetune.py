@@ -311,6 +311,7 @@ def write_reports(recipe: Recipe, trainer, tokenizer, data, run_dir: Path, valid
     base = f" of `{recipe.model.path}`" if recipe.model.path else ""
     adapter = settings.method != "full"
     write_model_card(run_dir / "README.md", name=recipe.run.name, model=trainer.model, tokenizer=tokenizer,
+                     location=rundir.run_dir_for(recipe.run.output_dir, recipe.run.name),
                      description=f"A {settings.task} model: {settings.method} fine-tuning{base} with llmkit."
                                  + ("" if settings.method == "full" else " This folder holds the adapter (PEFT); "
                                     "`llmkit generate/eval` load it onto its base."),

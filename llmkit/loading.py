@@ -175,6 +175,8 @@ def model_config(settings: ModelSettings, tokenizer, objective: str):
     """A transformers config for a model built from scratch, sized by the recipe."""
     from transformers import BertConfig, GPT2Config, LlamaConfig
 
+    if settings.arch == "ngram":
+        raise LlmkitError('model.arch = "ngram" is a counted n-gram model (`llmkit pretrain` only), not a Transformer')
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
     vocab_size = len(tokenizer)
@@ -193,8 +195,8 @@ def model_config(settings: ModelSettings, tokenizer, objective: str):
                           n_head=settings.n_head, n_inner=d_ff, n_positions=settings.max_positions,
                           resid_pdrop=settings.dropout, embd_pdrop=settings.dropout, attn_pdrop=settings.dropout,
                           tie_word_embeddings=settings.tie_embeddings, **ids)
-    if objective != "mlm":
-        raise LlmkitError(f'model.arch = "{settings.arch}" needs train.objective = "mlm"')
+    if objective not in ("mlm", "mlm+nsp"):
+        raise LlmkitError(f'model.arch = "{settings.arch}" needs train.objective = "mlm" or "mlm+nsp"')
     return BertConfig(vocab_size=vocab_size, hidden_size=settings.d_model, num_hidden_layers=settings.n_layer,
                       num_attention_heads=settings.n_head, intermediate_size=d_ff,
                       max_position_embeddings=settings.max_positions, hidden_dropout_prob=settings.dropout,
@@ -203,9 +205,12 @@ def model_config(settings: ModelSettings, tokenizer, objective: str):
 
 
 def auto_model_class(objective: str):
-    """The Auto class of a language model trained with `objective` ("causal" or "mlm")."""
+    """The Auto class of a language model trained with `objective` ("causal", "mlm", or "mlm+nsp": BERT's
+    pretraining heads, masked LM and next-sentence prediction)."""
     import transformers
 
+    if objective == "mlm+nsp":
+        return transformers.AutoModelForPreTraining
     return getattr(transformers, HEADS["causal-lm" if objective == "causal" else "masked-lm"].auto_class)
 
 

@@ -138,6 +138,63 @@ def classification_metrics(predictions: Sequence[Hashable], references: Sequence
     }
 
 
+def bootstrap_intervals(references: Sequence[Hashable], predictions: dict[str, Sequence[Hashable]],
+                        labels: Sequence[Hashable] | None = None, resamples: int = 2000, seed: int = 1234,
+                        differences: Sequence[tuple[str, str]] = ()) -> dict:
+    """95% bootstrap confidence intervals of the accuracy and macro F1 of methods scored on the same rows.
+
+    A resample draws the rows with replacement, which is drawing the counts of the distinct rows (reference,
+    predictions) from a multinomial: that is how it is done. Each method's intervals come from its own
+    resamples (of the cells of its confusion matrix, seeded), so they do not depend on which other methods are
+    scored beside it. A pair (a, b) of `differences` gets the interval of accuracy(a) - accuracy(b) from
+    resamples of the rows shared by both (a paired bootstrap). The intervals are the 2.5th and 97.5th
+    percentiles of the resampled scores, rounded to 4 places.
+
+    Returns {method: {"accuracy_ci95": [low, high], "f1_ci95": [low, high]}}, and {"a - b": {"accuracy_ci95":
+    [low, high]}} for each pair of `differences`.
+    """
+    import numpy as np
+
+    count = _check_lengths(references, references)
+    for predicted in predictions.values():
+        _check_lengths(predicted, references)
+    if labels is None:
+        labels = _sorted_labels({*references, *(p for predicted in predictions.values() for p in predicted)})
+    index = {label: k for k, label in enumerate(labels)}
+    for role, values in (("reference", references), *((f"prediction of {name}", p) for name, p in predictions.items())):
+        unknown = next((value for value in values if value not in index), None)
+        if unknown is not None:
+            raise LlmkitError(f"{role}: label {unknown!r} is not one of the labels {list(labels)!r}")
+    codes = {name: np.array([index[value] for value in values])
+             for name, values in (("", references), *predictions.items())}
+
+    def resample(*names: str):
+        """(the distinct rows of these columns (reference first), the counts of each in every resample)."""
+        cells, counts = np.unique(np.stack([codes[""], *(codes[name] for name in names)], axis=1), axis=0,
+                                  return_counts=True)  # sorted: by reference, then predictions
+        return cells, np.random.default_rng(seed).multinomial(count, counts / count, size=resamples)
+
+    def interval(values) -> list[float]:
+        return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])]
+
+    result = {}
+    for name in predictions:
+        cells, draws = resample(name)
+        reference, predicted = cells[:, 0], cells[:, 1]
+        f1 = []
+        for k in range(len(labels)):
+            correct = draws @ ((predicted == k) & (reference == k))
+            total = draws @ (predicted == k) + draws @ (reference == k)  # predicted + support: F1 = 2 tp / total
+            f1.append(np.divide(2 * correct, total, out=np.zeros(resamples), where=total > 0))
+        result[name] = {"accuracy_ci95": interval(draws @ (predicted == reference) / count),
+                        "f1_ci95": interval(np.mean(f1, axis=0))}
+    for a, b in differences:
+        cells, draws = resample(a, b)
+        gain = (cells[:, 1] == cells[:, 0]).astype(int) - (cells[:, 2] == cells[:, 0])
+        result[f"{a} - {b}"] = {"accuracy_ci95": interval(draws @ gain / count)}
+    return result
+
+
 # --------------------------------------------------------------------------------------------------------- entities
 
 def _check_tags(tags: Sequence[str]) -> list[str]:

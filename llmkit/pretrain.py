@@ -1,8 +1,9 @@
 """`llmkit pretrain`: train a tokenizer and a causal or masked language model from scratch, or
-continue pretraining an existing one.
+continue pretraining an existing one; or count a character n-gram model (model.arch = "ngram").
 
 setup (data, tokenizer, model: everything that can refuse bad input, before the disk is touched)
--> train (HF Trainer) -> finish (final evaluation, model, card, curve, samples, runs/latest).
+-> train (HF Trainer) -> finish (final evaluation, model, card, curve, samples, runs/latest, and for a
+causal model the n-gram baseline on the same splits).
 
     from llmkit import load_recipe
     from llmkit.pretrain import run
@@ -23,7 +24,7 @@ from llmkit.settings import Recipe, check_pretraining
 @dataclass
 class PretrainResult:
     run_dir: Path
-    metrics: dict  # final evaluation: eval_loss, eval_perplexity, eval_loss_per_char (causal)
+    metrics: dict  # final evaluation: eval_loss, eval_perplexity, eval_loss_per_char and baseline_ngram_* (causal)
     samples: list[str]
 
 
@@ -37,13 +38,27 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
 
     quiet_libraries()
     check_pretraining(recipe)
+    ngram = recipe.model.arch == "ngram"
+    if ngram and resume:
+        raise LlmkitError('--resume: model.arch = "ngram" is counted in one pass; there is nothing to resume')
     with run_folder(recipe, overwrite, resume, force) as folder:
-        metrics, samples, main = train(recipe, folder, resume, callbacks)
+        if ngram:
+            metrics, samples, main = count_ngram(recipe, folder)
+        else:
+            metrics, samples, main = train(recipe, folder, resume, callbacks)
     if main:
-        rundir.point_latest(folder.run_dir, "causal-lm" if recipe.train.objective == "causal" else "masked-lm")
-        stdout.print(f"[bold green]done[/]: model saved in {folder.run_dir}", highlight=False)
+        if ngram:
+            stdout.print(f"[bold green]done[/]: {recipe.model.ngram_order}-gram model saved in {folder.run_dir}; "
+                         f"validation {metrics['eval_loss_per_char']:.4f} nats/char", highlight=False)
+        else:
+            rundir.point_latest(folder.run_dir, "causal-lm" if recipe.train.objective == "causal" else "masked-lm")
+            stdout.print(f"[bold green]done[/]: model saved in {folder.run_dir}", highlight=False)
         for text in samples:
             stdout.print(f"  {text}", highlight=False)
+        if "baseline_ngram_loss_per_char" in metrics:
+            stdout.print(f"baseline: a {metrics['baseline_ngram_order']}-gram (absolute discounting) scores "
+                         f"{metrics['baseline_ngram_loss_per_char']:.4f} nats/char on this validation split; "
+                         f"this model {metrics['eval_loss_per_char']:.4f}", highlight=False)
     return PretrainResult(folder.run_dir, metrics, samples)
 
 
@@ -56,7 +71,7 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     from llmkit import rundir
     from llmkit.callbacks import MetricsFile
     from llmkit.console import console
-    from llmkit.data import blocks_cache, load_text_splits, pack_blocks
+    from llmkit.data import blocks_cache, encode_pairs, load_text_splits, pack_blocks, sentence_pairs
     from llmkit.devices import training_precision
     from llmkit.loading import build_model
     from llmkit.tokenizer import load_tokenizer, train_tokenizer
@@ -76,12 +91,22 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     model = build_model(recipe, tokenizer)
 
     args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS)
-    with args.main_process_first(desc="tokenizing"), console.status("tokenizing and packing"):
-        train_blocks, _ = pack_blocks(splits.train, tokenizer, recipe.data.block_size, blocks_cache())
-        eval_blocks, eval_tokens = pack_blocks(splits.validation, tokenizer, recipe.data.block_size, blocks_cache())
-    if len(eval_blocks) == 0:
-        raise LlmkitError(f"the validation split ({eval_tokens} tokens) is shorter than one block of "
-                          f"data.block_size = {recipe.data.block_size}; lower it or hold out more text")
+    if objective == "mlm+nsp":  # pairs of sentences, each pair at most one block long
+        with console.status("pairing sentences"):
+            train_blocks = encode_pairs(sentence_pairs(splits.train, recipe.run.seed), tokenizer, recipe.data.block_size)
+            eval_blocks = encode_pairs(sentence_pairs(splits.validation, recipe.run.seed + 1), tokenizer,
+                                       recipe.data.block_size)
+        if len(train_blocks) == 0 or len(eval_blocks) == 0:
+            raise LlmkitError(f"train.objective = \"mlm+nsp\" needs documents of two or more sentences in both "
+                              f"splits; the {'training' if len(train_blocks) == 0 else 'validation'} split has none")
+    else:
+        with args.main_process_first(desc="tokenizing"), console.status("tokenizing and packing"):
+            train_blocks, _ = pack_blocks(splits.train, tokenizer, recipe.data.block_size, blocks_cache())
+            eval_blocks, eval_tokens = pack_blocks(splits.validation, tokenizer, recipe.data.block_size,
+                                                   blocks_cache())
+        if len(eval_blocks) == 0:
+            raise LlmkitError(f"the validation split ({eval_tokens} tokens) is shorter than one block of "
+                              f"data.block_size = {recipe.data.block_size}; lower it or hold out more text")
     start_run(folder, recipe, args, resume, splits.fingerprint, tokenizer)
     if args.process_index == 0:
         describe_setup(console, model, tokenizer, train_blocks, eval_blocks, args,
@@ -97,8 +122,9 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
 
 def describe_setup(console, model, tokenizer, train_blocks, eval_blocks, args, precision) -> None:
     parameters = sum(p.numel() for p in model.parameters())
+    unit = "sentence pairs" if "next_sentence_label" in train_blocks.column_names else "blocks"
     console.print(f"model: {model.config.model_type}, {parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer):,}; "
-                  f"data: {len(train_blocks):,} training / {len(eval_blocks):,} validation blocks; "
+                  f"data: {len(train_blocks):,} training / {len(eval_blocks):,} validation {unit}; "
                   f"{args.world_size} process(es), {precision.name} ({precision.reason})", highlight=False)
 
 
@@ -122,14 +148,81 @@ def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> tuple[d
             samples = continue_prompts(model, tokenizer, recipe.generate.prompts, recipe.generate, recipe.run.seed)
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.run.name)
         causal = recipe.train.objective == "causal"
+        baseline = ngram_baseline(recipe, splits) if causal else {}
+        kind = {"causal": "causal", "mlm": "masked", "mlm+nsp": "masked"}[recipe.train.objective]
+        with_nsp = " with next-sentence prediction" if recipe.train.objective == "mlm+nsp" else ""
         write_model_card(run_dir / "README.md", name=recipe.run.name, model=model, tokenizer=tokenizer,
-                         description=f"A {model.config.model_type} {'causal' if causal else 'masked'} language "
-                                     f"model pretrained with llmkit.",
+                         location=rundir.run_dir_for(recipe.run.output_dir, recipe.run.name),
+                         description=f"A {model.config.model_type} {kind} language model{with_nsp} pretrained "
+                                     f"with llmkit.",
                          origin=Origin("causal-lm" if causal else "masked-lm", base=recipe.model.path,
                                        relation="finetune", training=(recipe.data.source,), tags=("pretrain",)),
                          data=f"`{recipe.data.source}`: {count_chars(splits.train):,} training / "
                               f"{splits.validation_chars:,} validation characters",
                          steps=trainer.state.global_step, samples=samples,
-                         scores=[Scores(recipe.data.validation_source or recipe.data.source, "validation", metrics)])
+                         scores=[Scores(recipe.data.validation_source or recipe.data.source, "validation", metrics)],
+                         rows=baseline_rows(baseline))
+        metrics = {**metrics, **baseline}
         rundir.write_json(run_dir / "final_metrics.json", {"step": trainer.state.global_step, **metrics})
     return metrics, samples
+
+
+# ---------------------------------------------------------------- the classic model: character n-grams
+
+
+def ngram_baseline(recipe: Recipe, splits) -> dict:
+    """The n-gram model of order model.ngram_order counted on the same training split and scored on the same
+    validation split, in loss per char like the model's (llmkit.ngram.NgramModel.score)."""
+    from llmkit.console import console
+    from llmkit.ngram import NgramModel
+
+    order = recipe.model.ngram_order
+    with console.status(f"baseline: counting {order}-grams"):
+        scored = NgramModel.train(splits.train, order).score(splits.validation)
+    return {"baseline_ngram_order": order, "baseline_ngram_loss_per_char": scored["loss_per_char"]}
+
+
+def baseline_rows(baseline: dict) -> dict:
+    if not baseline:
+        return {}
+    return {f"baseline: {baseline['baseline_ngram_order']}-gram (absolute discounting) validation loss_per_char":
+            f"{baseline['baseline_ngram_loss_per_char']:.4f}"}
+
+
+def count_ngram(recipe: Recipe, folder):
+    """model.arch = "ngram": count the character n-grams of the training split, score the validation split,
+    and save the model (llmkit.ngram.FILE), recipe, provenance, final metrics, card and samples in the run
+    folder; -> (final metrics, samples, whether this is the main process). No Trainer, one process."""
+    from llmkit import rundir
+    from llmkit.console import console
+    from llmkit.data import load_text_splits
+    from llmkit.ngram import FILE, NgramModel
+    from llmkit.recipe import recipe_to_toml
+    from llmkit.report import write_ngram_card
+    from llmkit.splits import count_chars
+
+    if not folder.main:  # another rank of a distributed launch: the n-gram is counted once
+        return {}, [], False
+    order = recipe.model.ngram_order
+    with console.status("reading data"):
+        splits = load_text_splits(recipe.data)
+    with console.status(f"counting {order}-grams"):
+        model = NgramModel.train(splits.train, order)
+    train_chars = count_chars(splits.train)
+    console.print(f"model: ngram, {sum(map(len, model.counts)) / 1e6:.2f}M parameters (counts of 1- to {order}-grams), "
+                  f"vocabulary {len(model.vocabulary):,} symbols; data: {train_chars:,} training / "
+                  f"{splits.validation_chars:,} validation characters", highlight=False)
+    with console.status("scoring the validation split"):
+        scored = model.score(splits.validation)
+    folder.start(recipe_to_toml(recipe), rundir.provenance(splits.fingerprint, 1, recipe.run.record_host))
+    work_dir = folder.work_dir
+    model.save(work_dir / FILE)
+    samples = [model.sample(prompt, recipe.generate.max_new_tokens, recipe.run.seed) for prompt in recipe.generate.prompts]
+    metrics = {"order": order, "eval_loss_per_char": scored["loss_per_char"], "eval_chars": scored["chars"],
+               "eval_unknown_chars": scored["unknown"], "discounts": model.discounts}
+    write_ngram_card(work_dir / "README.md", name=recipe.run.name, model=model,
+                     data=f"`{recipe.data.source}`: {train_chars:,} training / {splits.validation_chars:,} "
+                          f"validation characters", loss_per_char=scored["loss_per_char"], samples=samples,
+                     run_dir=folder.run_dir)
+    rundir.write_json(work_dir / "final_metrics.json", metrics)
+    return metrics, samples, True

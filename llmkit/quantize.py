@@ -60,7 +60,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict:
     head = tasks.TASKS[settings.task.kind].head
     if settings.recovery_steps and head != "causal-lm":
         raise LlmkitError("quantize.recovery_steps: the recovery fine-tune trains causal language models only")
-    rows = task_rows(settings.task, settings.limit)
+    rows = task_rows(settings.task, settings.limit, "quantize.task")
     device = "cpu" if settings.method == "dynamic-int8" else "auto"  # torch.ao int8 kernels are CPU kernels
     prompt = recipe.generate.prompts[0] if recipe.generate.prompts else "今天"
     with console.status(f"measuring {source}"):

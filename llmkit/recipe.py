@@ -249,7 +249,7 @@ def recipe_to_toml(recipe: Recipe) -> str:
         plain = {key: value for key, value in table.items() if not is_table_list(value) and value is not None}
         parts.append(tomli_w.dumps({section: plain}))
         for key, items in ((k, v) for k, v in table.items() if is_table_list(v)):
-            parts += [f"[[{section}.{key}]]\n{tomli_w.dumps(item)}" for item in items]
+            parts += [tomli_w.dumps({section: {key: [item]}}) for item in items]  # [[eval.tasks]], its tables under it
     return "\n".join(parts)
 
 

@@ -79,9 +79,13 @@ class Origin:
 
 
 def write_model_card(path: Path, *, name: str, description: str, origin: Origin, model, tokenizer, data: str,
-                     steps: int, scores: list[Scores], samples: list[str]) -> None:
+                     steps: int, scores: list[Scores], samples: list[str], rows: dict[str, str] | None = None,
+                     location: Path | None = None) -> None:
     """README.md of a model: what it is, how it was made, its scores, and how to load it; its YAML block
-    says the same to the hub and other tools."""
+    says the same to the hub and other tools. `rows`: more lines of its table (label -> value) that are not
+    the model's scores (a baseline's). `location`: the folder the model will be loaded from, when the card is
+    written elsewhere first (a run written aside and swapped in by --overwrite); default: the card's folder."""
+    location = location or path.parent
     parameters = sum(p.numel() for p in model.parameters())
     config = model.config
     loader = HEADS[origin.head].auto_class
@@ -100,22 +104,45 @@ def write_model_card(path: Path, *, name: str, description: str, origin: Origin,
     ]
     lines += [f"| {part.split} {metric} | {value:.4f} |"
               for part in scores for metric, value in measured(part.values).items()]
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        f"from transformers import AutoTokenizer, {loader}",
-        f'model = {loader}.from_pretrained("{path.parent}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{path.parent}")',
-        "```",
-        "",
-        "Files beside this card: `recipe.toml` (how it was made, re-runnable), `provenance.json` (versions, "
-        "commit, data fingerprint), `metrics.jsonl` and `loss.png`.",
-    ]
-    if samples:
-        lines += ["", "## Samples", ""] + [f"- {text}" for text in samples]
+    lines += [f"| {label} | {value} |" for label, value in (rows or {}).items()]
+    lines += use_and_samples([f"from transformers import AutoTokenizer, {loader}",
+                              f'model = {loader}.from_pretrained("{location}")',
+                              f'tokenizer = AutoTokenizer.from_pretrained("{location}")'],
+                             "`recipe.toml` (how it was made, re-runnable), `provenance.json` (versions, commit, "
+                             "data fingerprint), `metrics.jsonl` and `loss.png`", samples)
     write_text(path, model_card(name, origin, scores, lines))
+
+
+def use_and_samples(code: list[str], files: str, samples: list[str]) -> list[str]:
+    """The end of a card: how to load the model, the files beside the card, and samples of its text."""
+    lines = ["", "## Use", "", "```python", *code, "```", "", f"Files beside this card: {files}."]
+    return lines + (["", "## Samples", "", *(f"- {text}" for text in samples)] if samples else [])
+
+
+def write_ngram_card(path: Path, *, name: str, model, data: str, loss_per_char: float, samples: list[str],
+                     run_dir: Path) -> None:
+    """README.md of a character n-gram model (llmkit.ngram.NgramModel) that will be in `run_dir`: what it is,
+    its score, how to load it."""
+    lines = [
+        f"# {name}",
+        "",
+        f"A character {model.order}-gram language model with interpolated absolute discounting, counted by llmkit "
+        f"(`model.arch = \"ngram\"`): no neural network, the classic baseline of every causal pretraining run.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| order | {model.order} |",
+        f"| counted n-grams | {sum(map(len, model.counts)):,} |",
+        f"| vocabulary | {len(model.vocabulary):,} symbols (characters, </s>, <unk>) |",
+        f"| discounts D per order | {', '.join(f'{d:.3f}' for d in model.discounts)} |",
+        f"| data | {data} |",
+        f"| validation loss_per_char | {loss_per_char:.4f} |",
+    ]
+    lines += use_and_samples(["from llmkit.ngram import NgramModel", f'model = NgramModel.load("{run_dir}")',
+                              'model.probability("很", "昨天天气")'],
+                             "`ngram.json.gz` (the counts), `recipe.toml` (how it was made, re-runnable), "
+                             "`provenance.json` (versions, commit, data fingerprint), `final_metrics.json`", samples)
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def model_card(name: str, origin: Origin, scores: list[Scores], lines: list[str]) -> str:

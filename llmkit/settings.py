@@ -80,7 +80,7 @@ class RunSettings:
 @dataclass
 class ModelSettings:
     path: str = field(default="", metadata=PATH)  # continue from this model (dir, run or hub id); "" = from scratch
-    arch: Literal["llama", "gpt2", "bert"] = "llama"  # architecture when training from scratch
+    arch: Literal["llama", "gpt2", "bert", "ngram"] = "llama"  # architecture when training from scratch; ngram: a counted character n-gram model (llmkit.ngram), no Transformer
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads per block
     n_kv_head: int = 0  # grouped-query attention (llama); 0 = n_head
@@ -90,9 +90,10 @@ class ModelSettings:
     dropout: float = 0.0  # for pretraining 0 is good; for fine-tuning try 0.1
     tie_embeddings: bool = True  # share input and output embeddings (saves parameters in small models)
     rope_theta: float = 10000.0  # llama rotary base
+    ngram_order: int = 4  # symbols per n-gram (history + 1) of arch = "ngram", and of the n-gram baseline every causal pretraining run reports
 
     RANGES = {"n_layer": COUNT, "n_head": COUNT, "n_kv_head": COUNT_OR_ZERO, "d_model": COUNT, "d_ff": COUNT_OR_ZERO,
-              "max_positions": COUNT, "dropout": BELOW_ONE, "rope_theta": POSITIVE}
+              "max_positions": COUNT, "dropout": BELOW_ONE, "rope_theta": POSITIVE, "ngram_order": Range(1, 10)}
 
     def check(self) -> None:
         check_ranges(self, "model")
@@ -136,8 +137,8 @@ class DataSettings:
 
 @dataclass
 class TrainSettings:
-    objective: Literal["causal", "mlm"] = "causal"  # next-token prediction, or BERT-style masked LM
-    mlm_probability: float = 0.15  # share of tokens masked (mlm)
+    objective: Literal["causal", "mlm", "mlm+nsp"] = "causal"  # next-token prediction, BERT-style masked LM, or masked LM plus next-sentence prediction (bert)
+    mlm_probability: float = 0.15  # share of tokens masked (mlm, mlm+nsp)
     max_steps: int = 1000  # optimizer steps (unless epochs is set)
     epochs: float = 0.0  # passes over the training data; 0 = train for max_steps instead
     batch_size: int = 32  # sequences per device per step
@@ -247,12 +248,42 @@ class EvalTask(Columns):
     context_length: int = 0  # perplexity window in tokens; 0 = the model's positions (at most 1024)
     stride: int = 0  # perplexity: tokens each window advances; 0 = half the window
     max_new_tokens: int = 64  # generation: greedy decoding up to this many tokens
+    templates: list[str] = field(default_factory=list)  # prompt: one or more, scored side by side; {text} (and {text_pair}) filled from the row, {label}: where the label's words go
+    verbalizer: dict = field(default_factory=dict)  # prompt: label -> its words, e.g. {positive = ["好", "满意"], negative = ["差"]}; a label scores the summed probability of its words
+    demonstrations: int = 0  # prompt: k solved examples before each input (the same k for every row), rendered with the template and their label's first word
+    demonstration_source: str = field(default="", metadata=PATH)  # prompt: where the demonstrations are drawn from (never a scored row); "" = the train split of source's built-in data set
+    demonstration_seed: int = 1234  # prompt: seeds the draw of the demonstrations
+    separator: str = "\n"  # prompt: between the demonstrations, and before the input
+    calibrate: bool = True  # prompt: divide the label probabilities by those of content-free inputs ("N/A", "", "[MASK]"), as in Calibrate Before Use (Zhao et al. 2021)
 
     RANGES = {"validation_fraction": FRACTION, "context_length": COUNT_OR_ZERO, "stride": COUNT_OR_ZERO,
-              "max_new_tokens": COUNT}
+              "max_new_tokens": COUNT, "demonstrations": COUNT_OR_ZERO, "demonstration_seed": Range(0, 2**32 - 1)}
 
     def check(self, where: str) -> None:
         check_ranges(self, where)
+        if self.kind == "prompt":
+            self.check_prompt(where)
+
+    def check_prompt(self, where: str) -> None:
+        """Templates with their slots in place, and a verbalizer of at least two labels, each with words."""
+        if not self.templates:
+            raise LlmkitError(f'{where}.templates is empty: kind = "prompt" needs at least one, e.g. "评论：{{text}}。评价：{{label}}"')
+        for number, template in enumerate(self.templates):
+            key = f"{where}.templates[{number}]"
+            if "{text}" not in template or template.count("{label}") != 1:
+                raise LlmkitError(f"{key} must hold {{text}} and, once, {{label}}; got {template!r}")
+            if "{text_pair}" in template and not self.text_pair_column:
+                raise LlmkitError(f"{key} uses {{text_pair}}: set {where}.text_pair_column to the column that fills it")
+            if max(template.rfind("{text}"), template.rfind("{text_pair}")) > template.index("{label}"):
+                raise LlmkitError(f"{key}: the label is scored as what follows the text, so {{label}} must come after "
+                                  f"{{text}} and {{text_pair}}; got {template!r}")
+        if len(self.verbalizer) < 2:
+            raise LlmkitError(f"{where}.verbalizer must name at least 2 labels with their words, e.g. "
+                              f'{{positive = ["好"], negative = ["差"]}}; got {self.verbalizer!r}')
+        for label, words in self.verbalizer.items():
+            words = [words] if isinstance(words, str) else words
+            if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
+                raise LlmkitError(f"{where}.verbalizer.{label} must be a word or a non-empty list of words, got {words!r}")
 
 
 @dataclass
@@ -390,14 +421,18 @@ class DistributedSettings:
 
 def check_pretraining(recipe: "Recipe") -> None:
     """Pretraining from scratch: the architecture must fit the objective (bert is masked, the others
-    causal) and a block must fit the model's positions. (Other commands ignore these keys.)"""
-    if recipe.data.block_size > recipe.model.max_positions and not recipe.model.path:
+    causal) and a block must fit the model's positions; an n-gram model is always counted anew.
+    (Other commands ignore these keys.)"""
+    ngram = recipe.model.arch == "ngram"
+    if ngram and recipe.model.path:
+        raise LlmkitError('model.arch = "ngram" counts a new model from the data: model.path does not apply')
+    if recipe.data.block_size > recipe.model.max_positions and not recipe.model.path and not ngram:
         raise LlmkitError(f"data.block_size ({recipe.data.block_size}) is larger than the model's positions "
                           f"(model.max_positions = {recipe.model.max_positions})")
     mlm_arch = recipe.model.arch == "bert"
-    if not recipe.model.path and mlm_arch != (recipe.train.objective == "mlm"):
+    if not recipe.model.path and mlm_arch != (recipe.train.objective in ("mlm", "mlm+nsp")):
         raise LlmkitError(f'model.arch = "{recipe.model.arch}" does not fit train.objective = '
-                          f'"{recipe.train.objective}" (bert is mlm; llama and gpt2 are causal)')
+                          f'"{recipe.train.objective}" (bert is mlm or mlm+nsp; llama, gpt2 and ngram are causal)')
 
 
 @dataclass

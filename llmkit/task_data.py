@@ -48,15 +48,30 @@ def task_name(task: EvalTask) -> str:
     return task.name or f"{task.kind}:{Path(task.source).name}"
 
 
-def task_rows(task: EvalTask, limit: int = 0) -> list[dict]:
+def task_rows(task: EvalTask, limit: int = 0, where: str = "eval.tasks[]") -> list[dict]:
     """The rows an evaluation task scores: for a built-in corpus, its held-out last fraction; a file is
-    scored whole. `limit`: the first N only (0 = all)."""
+    scored whole. `limit`: the first N only (0 = all). A task module's `check_rows(task, rows, where)` sees
+    all of them first (errors name the settings by `where`, e.g. eval.tasks[0])."""
     columns, text_columns = tasks.columns_of(task.kind, task)
     rows = load_rows(task.source, columns, hub_split=task.hub_split, text_columns=text_columns)
     if task.split == "validation" and task.source in BUILTIN_CORPORA and task.kind == "perplexity":
         documents = split_documents([row[task.text_column] for row in rows], task.validation_fraction)[1]
         rows = [{task.text_column: doc} for doc in documents]
+    check = getattr(implementation(task.kind), "check_rows", None)
+    if check:
+        check(task, rows, where)
     return rows[:limit] if limit else rows
+
+
+def table_cells(kind: str, metrics: dict) -> list[tuple[str, object]]:
+    """What a result shows in the tables of `llmkit eval`: (row label, value) pairs, from its task module's
+    `table_cells(metrics)`, else the task's headline metrics. A value is a number, text, true/false, or
+    (number, [low, high]): a figure with its 95% confidence interval (a metric `m` with `m_ci95` beside it)."""
+    cells = getattr(implementation(kind), "table_cells", None)
+    if cells:
+        return cells(metrics)
+    return [(name, (metrics[name], metrics[f"{name}_ci95"]) if f"{name}_ci95" in metrics else metrics.get(name))
+            for name in tasks.TASKS[kind].headline]
 
 
 def eval_task(settings: FinetuneSettings, source: str) -> EvalTask:

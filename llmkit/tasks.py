@@ -64,6 +64,8 @@ TASKS = {
                        headline=("loss_per_char", "perplexity", "loss")),
     "generation": Task("generation", "causal-lm", ("prompt_column", "reference_column"), 1,
                        headline=("bleu", "chrf", "rouge_l")),
+    "prompt": Task("prompt", "causal-lm", ("text_column", "label_column"), 1, optional_columns=("text_pair_column",),
+                   headline=("accuracy", "f1", "majority_accuracy")),  # classification by prompting, no training
     "classification": Task("classification", "sequence-classification", ("text_column", "label_column"), 1,
                            optional_columns=("text_pair_column",), headline=("accuracy", "f1"),
                            select_by=("accuracy", "f1", "precision", "recall"), peft_task_type="SEQ_CLS",

@@ -43,7 +43,7 @@ def train_tokenizer(documents: list[str], settings: TokenizerSettings, objective
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = SPECIAL_TOKENS[objective]
+    special = SPECIAL_TOKENS["mlm" if objective == "mlm+nsp" else objective]
     names = list(dict.fromkeys(special.values()))
     if settings.kind == "char":
         check_char_coverage(documents, settings, len(names))
@@ -65,7 +65,9 @@ def train_tokenizer(documents: list[str], settings: TokenizerSettings, objective
                                       special_tokens=names, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(documents, trainer=trainer, length=len(documents))
     tokenizer.post_processor = template(tokenizer, special)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
+    # Next-sentence prediction reads segment ids: the saved tokenizer returns them for pairs, as in pretraining.
+    segments = {"model_input_names": ["input_ids", "token_type_ids", "attention_mask"]} if objective == "mlm+nsp" else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special, **segments)
 
 
 def template(tokenizer, special: dict):

@@ -191,19 +191,45 @@ def language_model_trainer(recipe: Recipe, model, tokenizer, args, train_blocks,
     pruning); `callbacks` come on top of progress display and samples."""
     from transformers import DataCollatorForLanguageModeling, PrinterCallback
 
-    if recipe.train.objective == "mlm":
+    objective = recipe.train.objective
+    if objective in ("mlm", "mlm+nsp"):  # mlm+nsp: pairs of sentences (llmkit.data.encode_pairs), padded here
         collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=recipe.train.mlm_probability)
     else:
         collator = collate_blocks
-    tokens_per_step = recipe.data.block_size * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    tokens_per_block = recipe.data.block_size
+    if objective == "mlm+nsp" and len(train_blocks):
+        tokens_per_block = sum(map(len, train_blocks["input_ids"])) / len(train_blocks)
+    tokens_per_step = tokens_per_block * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
     callbacks = [Progress(tokens_per_step), *callbacks]
-    if recipe.train.objective == "causal" and recipe.distributed.strategy == "ddp":
+    if objective == "causal" and recipe.distributed.strategy == "ddp":
         callbacks.append(ShowSamples(tokenizer, recipe.generate, recipe.run.seed))
+    nsp = {"compute_metrics": nsp_metrics, "preprocess_logits_for_metrics": nsp_predictions,
+           "perplexity": False} if objective == "mlm+nsp" else {}
     trainer = LlmkitTrainer(model=model, args=args, train_dataset=train_blocks.with_format("torch"),
                             eval_dataset=eval_blocks.with_format("torch"),
-                            data_collator=collator, callbacks=callbacks, tokens_per_char=tokens_per_char)
+                            data_collator=collator, callbacks=callbacks, tokens_per_char=tokens_per_char, **nsp)
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
     return trainer
+
+
+def nsp_predictions(logits, labels):
+    """Per validation pair, what BertForPreTraining's evaluation keeps (the vocabulary-sized logits are
+    not gathered): the next-sentence guess, and the masked tokens' summed loss and count."""
+    import torch.nn.functional as F
+
+    token_logits, next_logits = logits[0], logits[1]
+    token_labels = labels[0]
+    nll = F.cross_entropy(token_logits.float().transpose(1, 2), token_labels, ignore_index=-100, reduction="none")
+    return next_logits.argmax(-1), nll.sum(-1), (token_labels != -100).sum(-1)
+
+
+def nsp_metrics(prediction) -> dict:
+    """eval_nsp_accuracy (next-sentence prediction on the validation pairs), eval_mlm_loss (per masked token)
+    and its perplexity; eval_loss is the sum of both losses."""
+    guesses, nll, masked = prediction.predictions
+    mlm_loss = float(nll.sum() / max(masked.sum(), 1))
+    return {"nsp_accuracy": float((guesses == prediction.label_ids[1]).mean()), "mlm_loss": mlm_loss,
+            "mlm_perplexity": math.exp(min(mlm_loss, 50.0))}
 
 
 # ---------------------------------------------------------------- a run from start to finish

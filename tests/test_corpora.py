@@ -97,6 +97,14 @@ def test_qa_answers_sit_at_their_answer_start():
     assert {row["question"] for row in train} == {f"文中提到的第一个{kind}是什么？" for kind in ("人名", "地名", "机构名")}
 
 
+def test_entity_typing_rows_are_the_distinct_entities_of_the_ner_sentences(ner):
+    for rows, sentences in zip(splits("peoples-daily-entities"), ner):
+        expected = [{"text": "".join(row["tokens"]), "entity": name, "label": kind}
+                    for row in sentences for name, kind in dict.fromkeys(entities(row))]
+        assert rows == expected
+        assert {row["label"] for row in rows} == {"PER", "LOC", "ORG"}
+
+
 def test_instructions_interleave_sentiment_and_place_names():
     for rows in splits("zh-instructions"):
         tasks = [row["prompt"].startswith(PLACES) for row in rows]

@@ -128,6 +128,9 @@ def test_overwrite_replaces_the_run(tiny, tmp_path):
     marker.write_text("old")
     run_tiny(tiny, overwrite=True)
     assert not marker.exists() and (tmp_path / "runs" / "tiny" / "model.safetensors").exists()
+    # The card, written while the new run stood aside, tells how to load it from where it is now.
+    card = (tmp_path / "runs" / "tiny" / "README.md").read_text(encoding="utf-8")
+    assert f'from_pretrained("{tmp_path / "runs" / "tiny"}")' in card and ".incoming" not in card
 
 
 def test_resume_after_interrupt_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
