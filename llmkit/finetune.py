@@ -107,7 +107,7 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
 def task_tokenizer(recipe: Recipe, data):
     """The base model's tokenizer, or one trained on the training texts; padded (the task's module may
     prepare it further: a chat template for instruction tuning)."""
-    from llmkit.loading import resolve_model
+    from llmkit.loading import objective_of, resolve_model
     from llmkit.tokenizer import load_tokenizer, train_tokenizer
 
     settings = recipe.finetune
@@ -116,7 +116,7 @@ def task_tokenizer(recipe: Recipe, data):
     if source:
         tokenizer = load_tokenizer(source)
     else:
-        objective = "mlm" if recipe.model.arch == "bert" else "causal"
+        objective = objective_of(recipe.model.arch, tasks.TASKS[settings.task].head)
         tokenizer = train_tokenizer(task.training_texts(settings, data.train), recipe.tokenizer, objective)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -254,6 +254,9 @@ def finish(recipe: Recipe, trainer, tokenizer, data, run_dir: Path) -> tuple[dic
         if data.test:
             with console.status(f"scoring {len(data.test):,} test examples"):
                 test = score_test(recipe, model, tokenizer, data)
+            baseline = getattr(task_data.implementation(settings.task), "baseline", None)
+            if baseline:  # a simple method scored on the same test rows, beside the model (baseline_<metric>)
+                test |= baseline(settings, data.train, data.test)
         write_reports(recipe, trainer, tokenizer, data, run_dir, validation, test)
     return validation, test
 
@@ -335,6 +338,7 @@ def show_results(console, run_dir: Path, settings, validation: dict, test: dict)
     scored_as = tasks.TASKS[tasks.scorer_of(settings.task)]
     names = [k for k in dict.fromkeys((*scored_as.headline, *tasks.selection_metrics(settings.task)))
              if k in validation or k in test]
+    names += [f"baseline_{name}" for name in scored_as.headline if f"baseline_{name}" in test]
     for name in names:
         table.add_row(name, *(f"{split[name]:.4f}" if name in split else "-" for split in (validation, test)))
     console.print(table)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from llmkit.errors import LlmkitError
-from llmkit.generation import ChatSession, check_prompt, generate_batch, generate_text
+from llmkit.generation import ChatSession, check_prompt, encoder_decoder, generate_batch, generate_text
 from llmkit.loading import load_model
 from llmkit.report import plot_generation_attention
 from llmkit.rundir import jsonl_values, read_text, write_text
@@ -61,12 +61,13 @@ def run(recipe: Recipe, *, seed: int | None = None, prompt: str | None = None, i
         write = lambda text: (sys.stdout.write(text), sys.stdout.flush())  # noqa: E731
         streaming = stdout.is_terminal and settings.num_return_sequences == 1 and settings.num_beams == 1
         for number, text in enumerate([prompt] if prompt is not None else settings.prompts):
+            echo = "" if encoder_decoder(model) else text  # an encoder-decoder's output is all new: no prompt before it
             if streaming:
-                write(text)
+                write(echo)
             generation = generate_text(model, tokenizer, text, settings, seed=seed + number,
                                        stream=write if streaming else None)
             for continuation in generation.texts:
-                write(("" if streaming else text + continuation) + "\n")
+                write(("" if streaming else echo + continuation) + "\n")
             console.print(generation.summary(), markup=False)
             if attention is not None and number == 0:
                 path = plot_generation_attention(model, tokenizer, generation.ids, attention.path, attention.layer,

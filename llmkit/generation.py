@@ -175,9 +175,23 @@ class StopStreamer:
         self.stopped = stopped
 
 
-def encode_prompts(tokenizer, texts: list[str], device, add_special_tokens: bool = True):
-    """Prompts as model inputs, padded on the left: every prompt ends where generation starts."""
-    inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
+def encoder_decoder(model) -> bool:
+    """An encoder-decoder (T5, BART): the prompt goes to the encoder and the output is all new, from the
+    decoder's start token on; a decoder-only model's output repeats the prompt first."""
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def new_ids_of(model, output, inputs):
+    """The generated part of model.generate's output: after the prompt (decoder-only) or after the
+    decoder start token (encoder-decoder)."""
+    return output[:, 1:] if encoder_decoder(model) else output[:, inputs["input_ids"].shape[1]:]
+
+
+def encode_prompts(tokenizer, texts: list[str], device, add_special_tokens: bool = True, model=None):
+    """Prompts as model inputs, padded on the left: every prompt ends where generation starts (an
+    encoder-decoder's encoder reads them padded on the right, as in training)."""
+    side = "right" if model is not None and encoder_decoder(model) else "left"
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side=side,
                        add_special_tokens=add_special_tokens).to(device)
     inputs.pop("token_type_ids", None)
     return inputs
@@ -196,7 +210,8 @@ def seed_everything(seed: int | None) -> None:
 
 
 def run_generate(model, tokenizer, inputs, settings: GenerateSettings, streamer=None):
-    """model.generate on encoded inputs -> (new token ids [batch x n, new], first-token seconds, seconds).
+    """model.generate on encoded inputs -> (new token ids [batch x n, new], first-token seconds, seconds);
+    for a decoder-only model and an encoder-decoder alike (new_ids_of).
 
     The first token is timed where transformers accepts a streamer (no beam search); else it is None."""
     import torch
@@ -206,7 +221,7 @@ def run_generate(model, tokenizer, inputs, settings: GenerateSettings, streamer=
     with torch.inference_mode():
         output = model.generate(**inputs, **generation_kwargs(settings, tokenizer, model), streamer=clock or streamer)
     seconds = time.perf_counter() - start
-    return output[:, inputs["input_ids"].shape[1]:], clock.first if clock else None, seconds
+    return new_ids_of(model, output, inputs), clock.first if clock else None, seconds
 
 
 def count_new_tokens(new_ids, tokenizer) -> int:
@@ -234,7 +249,7 @@ def generate_text(model, tokenizer, prompt: str, settings: GenerateSettings | No
     settings = settings or GenerateSettings()
     check_prompt(prompt)
     seed_everything(seed)
-    inputs = encode_prompts(tokenizer, [prompt], model.device, add_special_tokens)
+    inputs = encode_prompts(tokenizer, [prompt], model.device, add_special_tokens, model)
     streamer = None
     if stream is not None and settings.num_return_sequences == 1 and settings.num_beams == 1:
         streamer = StopStreamer(tokenizer, stream, settings.stop)
@@ -260,7 +275,7 @@ def generate_batch(model, tokenizer, prompts: list[str], settings: GenerateSetti
     n = settings.num_return_sequences
     for start in range(0, len(prompts), size):
         batch = prompts[start:start + size]
-        new_ids, _, _ = run_generate(model, tokenizer, encode_prompts(tokenizer, batch, model.device), settings)
+        new_ids, _, _ = run_generate(model, tokenizer, encode_prompts(tokenizer, batch, model.device, model=model), settings)
         texts = decode_new(new_ids, tokenizer, settings.stop)
         results.extend(texts[i * n:(i + 1) * n] for i in range(len(batch)))
         if on_batch is not None:
@@ -270,7 +285,8 @@ def generate_batch(model, tokenizer, prompts: list[str], settings: GenerateSetti
 
 def continue_prompts(model, tokenizer, prompts: list[str], settings: GenerateSettings, seed: int) -> list[str]:
     """Sample one continuation per prompt, leaving the caller's random state untouched (so that
-    showing samples during training does not change the training run)."""
+    showing samples during training does not change the training run): the prompt and its continuation
+    (an encoder-decoder's output follows its prompt after " → ")."""
     import torch
 
     was_training = model.training
@@ -280,10 +296,11 @@ def continue_prompts(model, tokenizer, prompts: list[str], settings: GenerateSet
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for prompt in prompts:
-            inputs = encode_prompts(tokenizer, [prompt], model.device)
+            inputs = encode_prompts(tokenizer, [prompt], model.device, model=model)
             output = model.generate(**inputs, **kwargs)
-            new_tokens = output[0, inputs["input_ids"].shape[1]:]
-            texts.append(prompt + cut_at_stop(tokenizer.decode(new_tokens, skip_special_tokens=True), settings.stop)[0])
+            new_tokens = new_ids_of(model, output, inputs)[0]
+            text = cut_at_stop(tokenizer.decode(new_tokens, skip_special_tokens=True), settings.stop)[0]
+            texts.append(f"{prompt} → {text}" if encoder_decoder(model) else prompt + text)
     model.train(was_training)
     return texts
 
@@ -295,7 +312,7 @@ def generation_speed(model, tokenizer, prompt: str, tokens: int, runs: int) -> f
 
     settings = GenerateSettings(greedy=True, max_new_tokens=tokens, repetition_penalty=1.0)
     kwargs = generation_kwargs(settings, tokenizer, model) | {"min_new_tokens": tokens}
-    inputs = encode_prompts(tokenizer, [prompt], model.device)
+    inputs = encode_prompts(tokenizer, [prompt], model.device, model=model)
     rates = []
     with torch.inference_mode():
         for run_index in range(runs + 1):

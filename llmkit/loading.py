@@ -97,6 +97,8 @@ def load_pretrained(source: str, device: str, dtype: str, head: str = "causal-lm
     # A quantized model loads as saved (its weights cannot be cast or moved after loading); the tensors
     # it keeps unquantized (embeddings, norms) load in the dtype asked for.
     kwargs = {"dtype": inference_dtype(dtype, device)} | ({"device_map": {"": device}} if quantized else {})
+    if head == "causal-lm" and getattr(config, "is_encoder_decoder", False):
+        head = "seq2seq-lm"  # a text generator too (llmkit generate): its encoder reads the prompt
     check_head(config_source or source, config, head)
     try:
         loaded = with_head(getattr(transformers, HEADS[head].auto_class), source, config=config, **kwargs)
@@ -173,10 +175,13 @@ def prepare_tokenizer(tokenizer):
 
 def model_config(settings: ModelSettings, tokenizer, objective: str):
     """A transformers config for a model built from scratch, sized by the recipe."""
-    from transformers import BertConfig, GPT2Config, LlamaConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
 
     if settings.arch == "ngram":
         raise LlmkitError('model.arch = "ngram" is a counted n-gram model (`llmkit pretrain` only), not a Transformer')
+    if (settings.arch == "t5") != (objective == "seq2seq"):
+        raise LlmkitError('model.arch = "t5" (an encoder-decoder) is for finetune.task = "seq2seq", and that task '
+                          f'builds a t5 from scratch (got model.arch = "{settings.arch}")')
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
     vocab_size = len(tokenizer)
@@ -190,6 +195,13 @@ def model_config(settings: ModelSettings, tokenizer, objective: str):
                            tie_word_embeddings=settings.tie_embeddings,
                            rope_parameters={"rope_type": "default", "rope_theta": settings.rope_theta}, **ids)
     d_ff = settings.d_ff or 4 * settings.d_model
+    if settings.arch == "t5":
+        # T5's convention: the decoder starts from the pad token; no <s>
+        return T5Config(vocab_size=vocab_size, d_model=settings.d_model, d_kv=settings.d_model // settings.n_head,
+                        d_ff=d_ff, num_layers=settings.n_layer, num_decoder_layers=settings.n_layer,
+                        num_heads=settings.n_head, dropout_rate=settings.dropout, feed_forward_proj="relu",
+                        tie_word_embeddings=settings.tie_embeddings, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
     if settings.arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=settings.d_model, n_layer=settings.n_layer,
                           n_head=settings.n_head, n_inner=d_ff, n_positions=settings.max_positions,
@@ -261,7 +273,7 @@ def build_task_model(recipe: Recipe, tokenizer, labels: list[str], quantize: boo
     auto = getattr(transformers, HEADS[head].auto_class)
     options = head_options(tokenizer, labels)
     if not recipe.model.path:
-        config = model_config(recipe.model, tokenizer, "mlm" if recipe.model.arch == "bert" else "causal")
+        config = model_config(recipe.model, tokenizer, objective_of(recipe.model.arch, head))
         config.update(options)
         return no_head_error(lambda: auto.from_config(config), config.model_type, head)
     source = resolve_model(recipe.model.path)
@@ -275,6 +287,13 @@ def build_task_model(recipe: Recipe, tokenizer, labels: list[str], quantize: boo
         raise LlmkitError(f"model.path {source}: cannot load it: {first_line(error)}") from None
     fit_vocabulary(model, tokenizer)
     return model
+
+
+def objective_of(arch: str, head: str) -> str:
+    """What a model built from scratch for a task head learns: seq2seq (encoder-decoder), mlm or causal."""
+    if head == "seq2seq-lm":
+        return "seq2seq"
+    return "mlm" if arch == "bert" else "causal"
 
 
 def fit_vocabulary(model, tokenizer) -> None:

@@ -416,6 +416,7 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str | Se
     sacrebleu's "zh" tokenizer when any prediction or reference contains CJK characters, else the standard
     "13a", since 13a would treat a whole Chinese sentence as one word; bleu_tokenize says which was used.
     ROUGE-L (`rouge_l`) takes the best reference for each prediction and averages over predictions.
+    `exact_match`: the share of predictions equal to one of their references (ends stripped of whitespace).
     """
     from sacrebleu.metrics import BLEU, CHRF
 
@@ -431,7 +432,10 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str | Se
     scorer = _rouge_scorer()
     rouge = sum(float(scorer.score_multi(answers, hypothesis)["rougeL"].fmeasure)
                 for hypothesis, answers in zip(hypotheses, reference_lists))
+    exact = sum(hypothesis.strip() in {answer.strip() for answer in answers}
+                for hypothesis, answers in zip(hypotheses, reference_lists))
     return {
+        "exact_match": exact / count,
         "bleu": float(bleu.score),
         "chrf": float(chrf.score),
         "rouge_l": rouge / count,

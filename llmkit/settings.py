@@ -80,7 +80,7 @@ class RunSettings:
 @dataclass
 class ModelSettings:
     path: str = field(default="", metadata=PATH)  # continue from this model (dir, run or hub id); "" = from scratch
-    arch: Literal["llama", "gpt2", "bert", "ngram"] = "llama"  # architecture when training from scratch; ngram: a counted character n-gram model (llmkit.ngram), no Transformer
+    arch: Literal["llama", "gpt2", "bert", "t5", "ngram"] = "llama"  # architecture when training from scratch; t5: an encoder-decoder (finetune.task = "seq2seq"); ngram: a counted character n-gram model (llmkit.ngram), no Transformer
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads per block
     n_kv_head: int = 0  # grouped-query attention (llama); 0 = n_head
@@ -233,6 +233,7 @@ class Columns:
     answers_column: str = "answers"  # extractive-qa: answer text, a list of them, or {"text": [...], "answer_start": [...]}
     prompt_column: str = "prompt"  # generation, causal-lm fine-tuning: the prompt
     reference_column: str = "reference"  # generation: reference text (or a list of them)
+    response_column: str = "response"  # causal-lm: the answer to learn (loss on these tokens only); seq2seq: the target text
 
 
 @dataclass
@@ -350,7 +351,6 @@ class FinetuneSettings(Columns):
     validation_fraction: float = 0.1  # model selection and early stopping use this split
     test_source: str = field(default="", metadata=PATH)  # scored once at the end; never used for training or selection
     hub_split: str = "train"  # hub datasets: the split source reads (validation/test sources: "validation")
-    response_column: str = "response"  # causal-lm: the answer to learn (loss on these tokens only)
     messages_column: str = "messages"  # causal-lm: chat rows [{role, content}, ...] instead of prompt/response
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt-response"] = "auto"  # causal-lm data layout; "auto" = per row, by its fields
     labels: list[str] = field(default_factory=list)  # classification/tagging label order; [] = sorted labels seen in training

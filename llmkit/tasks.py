@@ -36,6 +36,7 @@ HEADS = {
     "token-classification": Head("AutoModelForTokenClassification", ("ForTokenClassification",),
                                  "token-classification"),
     "question-answering": Head("AutoModelForQuestionAnswering", ("ForQuestionAnswering",), "question-answering"),
+    "seq2seq-lm": Head("AutoModelForSeq2SeqLM", ("ForConditionalGeneration",), "text2text-generation"),
 }
 
 
@@ -79,6 +80,10 @@ TASKS = {
                           peft_task_type="QUESTION_ANS", targets=("start_positions", "end_positions")),
     "causal-lm": Task("causal_lm", "causal-lm", peft_task_type="CAUSAL_LM", scored_as="generation",
                       distillable=True),  # instruction tuning; its loss picks the checkpoint
+    # an encoder-decoder: prompt_column (source) -> response_column (target), as prompt/response SFT data;
+    # scored by greedy generation (exact match, BLEU, chrF); its loss picks the checkpoint
+    "seq2seq": Task("seq2seq", "seq2seq-lm", ("prompt_column", "response_column"), 2,
+                    headline=("exact_match", "chrf", "bleu"), peft_task_type="SEQ_2_SEQ_LM"),
 }
 EVAL_KINDS = tuple(name for name, task in TASKS.items() if not task.scored_as)  # what `llmkit eval` scores
 FINETUNE_TASKS = tuple(name for name, task in TASKS.items() if task.fine_tunable)

@@ -14,9 +14,11 @@ from llmkit.errors import LlmkitError, first_line
 from llmkit.settings import TokenizerSettings
 
 # Causal models read <s> text ...; packing closes each document with </s>. Masked models read
-# [CLS] text [SEP] and learn to fill [MASK].
+# [CLS] text [SEP] and learn to fill [MASK]. Encoder-decoders (T5's convention) read text </s> and write
+# text </s>, the decoder starting from <pad>.
 SPECIAL_TOKENS = {
     "causal": {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
+    "seq2seq": {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
     "mlm": {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
             "mask_token": "[MASK]"},
 }
@@ -73,6 +75,10 @@ def train_tokenizer(documents: list[str], settings: TokenizerSettings, objective
 def template(tokenizer, special: dict):
     from tokenizers import processors
 
+    if "bos_token" not in special and "cls_token" not in special:  # seq2seq: the end token closes each text
+        eos = special["eos_token"]
+        return processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
+                                             special_tokens=[(eos, tokenizer.token_to_id(eos))])
     if "bos_token" in special:
         bos = special["bos_token"]
         return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",

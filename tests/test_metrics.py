@@ -602,3 +602,8 @@ entity_metrics([["B-PER"]], [["B-PER"]])
 generation_metrics(["a b"], ["a b"])
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_generation_exact_match_is_the_share_of_predictions_equal_to_a_reference():
+    result = generation_metrics(["jin tian ", "hao", "tian qi"], [["jin tian", "jin ri"], "hao", "tian qi hao"])
+    assert result["exact_match"] == pytest.approx(2 / 3)  # ends stripped; any of a row's references counts
