@@ -9,11 +9,12 @@ import json
 import pytest
 import torch
 
-from llmkit import finetune, load_recipe
+from llmkit import finetune, generate, load_recipe, task_data
 from llmkit.corpora import MAX_PINYIN_CHARS, peoples_daily_pinyin, pinyin_converter
-from llmkit.generation import count_new_tokens, encode_prompts, generate_batch, generate_text, run_generate
+from llmkit.generation import (continue_prompts, count_new_tokens, encode_prompts, generate_batch, generate_text,
+                               generation_speed, run_generate)
 from llmkit.loading import load_model, model_config
-from llmkit.settings import FinetuneSettings, GenerateSettings, ModelSettings, TokenizerSettings
+from llmkit.settings import EvalTask, FinetuneSettings, GenerateSettings, ModelSettings, TokenizerSettings
 from llmkit.task_kinds import seq2seq
 from llmkit.tokenizer import train_tokenizer
 
@@ -90,6 +91,9 @@ def test_generation_of_an_encoder_decoder_returns_only_the_new_tokens(tokenizer)
     assert single.new_tokens == count_new_tokens(full[:1, 1:], tokenizer)
     assert generate_batch(model, tokenizer, ["今天天气很好", "好"], settings) == [
         [tokenizer.decode(row, skip_special_tokens=True)] for row in full[:, 1:]]
+    assert continue_prompts(model, tokenizer, ["好"], settings, seed=0) == [
+        "好 → " + tokenizer.decode(full[1, 1:], skip_special_tokens=True)]
+    assert generation_speed(model, tokenizer, "好", tokens=3, runs=1) > 0
 
 
 def test_the_data_set_pairs_short_sentences_with_their_pinyin_and_splits_by_paragraph():
@@ -114,7 +118,7 @@ def test_baseline_spells_each_character_as_its_most_frequent_pinyin_and_copies_u
     assert {"baseline_chrf", "baseline_bleu"} <= set(metrics)
 
 
-def test_a_tiny_t5_trains_from_scratch_and_reloads_and_its_report_holds_the_baseline(tmp_path):
+def test_a_tiny_t5_trains_from_scratch_and_reloads_and_its_report_holds_the_baseline(tmp_path, capsys):
     rows = peoples_daily_pinyin("train")[:120]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:8]))
@@ -135,6 +139,16 @@ def test_a_tiny_t5_trains_from_scratch_and_reloads_and_its_report_holds_the_base
     assert model.config.is_encoder_decoder and type(model).__name__ == "T5ForConditionalGeneration"
     fresh = tiny_t5(tok)
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    # `llmkit eval` scores it as a seq2seq task; `llmkit generate` prints its output, not the prompt first
+    task = EvalTask(kind="seq2seq", source=str(tmp_path / "test.jsonl"), split="all")
+    scored = task_data.score(model, tok, task, task_data.task_rows(task), batch_size=4)
+    assert scored["count"] == 8 and scored["exact_match"] == final["test"]["exact_match"]
+    capsys.readouterr()
+    generate.run(load_recipe(None, [f"generate.model={start}", "generate.max_new_tokens=6", "generate.greedy=true"]),
+                 prompt="今天天气很好")
+    printed = capsys.readouterr().out
+    expected = generate_text(model, tok, "今天天气很好", GenerateSettings(greedy=True, max_new_tokens=6)).text
+    assert printed == expected + "\n" and "今天天气很好" not in printed
     # continues from model.path: the weights it starts from are the saved ones
     again = load_recipe("pinyin", [f"run.output_dir={tmp_path / 'runs'}", "run.name=t5b", f"model.path={start}",
                                    f"finetune.source={tmp_path / 'train.jsonl'}", 'finetune.test_source=""',
