@@ -16,7 +16,7 @@ from llmkit.settings import GenerateSettings
 
 SHOWN_METRICS = {"eval_perplexity": "perplexity", "eval_loss_per_char": "loss/char (nats)", "eval_accuracy": "accuracy",
                  "eval_f1": "F1", "eval_exact_match": "exact match", "eval_mlm_loss": "MLM loss",
-                 "eval_nsp_accuracy": "NSP accuracy"}
+                 "eval_nsp_accuracy": "NSP accuracy", "eval_mean_score": "mean score"}
 
 
 class SealCheckpoints(TrainerCallback):
@@ -127,9 +127,17 @@ class Progress(TrainerCallback):
         if "eval_loss" in logs:
             parts = [f"eval loss {logs['eval_loss']:.4f}"]
             parts += [f"{label} {logs[key]:.4f}" for key, label in SHOWN_METRICS.items() if key in logs]
+            parts += [f"{task} {SHOWN_METRICS[f'eval_{metric}']} {value:.4f}"  # multi-task: eval_<task>/<metric>
+                      for task, metric, value in per_task(logs) if f"eval_{metric}" in SHOWN_METRICS]
             console.print(f"step {state.global_step}: " + "  ".join(parts), highlight=False)
             self.last_time = time.perf_counter()  # evaluation time is not training throughput
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.stop()
+
+
+def per_task(logs: dict) -> list[tuple[str, str, float]]:
+    """(task, metric, value) of a multi-task evaluation's eval_<task>/<metric> entries."""
+    split = [(key.removeprefix("eval_").partition("/"), value) for key, value in logs.items()]
+    return [(task, metric, value) for (task, slash, metric), value in split if slash]

@@ -14,6 +14,7 @@ setup (data, tokenizer, model: everything that can refuse bad input, before the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from llmkit import task_data, tasks
 from llmkit.errors import LlmkitError
-from llmkit.settings import Recipe
+from llmkit.settings import FinetuneSettings, Recipe
 
 
 @dataclass
@@ -29,6 +30,7 @@ class FinetuneResult:
     run_dir: Path
     validation_metrics: dict  # of the kept (best) checkpoint
     test_metrics: dict  # finetune.test_source scored once at the end; {} without one
+    # multi-task (finetune.tasks): both are {task name: its metrics}, and validation also holds "mean_score"
 
 
 def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks: list | None = None,
@@ -49,9 +51,14 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     if settings.method != "full" and Path(recipe.model.path).resolve() == run_dir.resolve():
         raise LlmkitError(f"model.path {recipe.model.path} is this run's own folder: an adapter needs its base model "
                           f"to stay; set another run.name")
+    if settings.tasks and recipe.distill.teacher:
+        raise LlmkitError("distill.teacher: multi-task fine-tuning (finetune.tasks) does not distill; "
+                          "distill each task's model on its own")
     with run_folder(recipe, overwrite, resume, force) as folder:
-        validation, test, main = train(recipe, folder, resume, callbacks)
-    if main:
+        validation, test, main = (train_tasks if settings.tasks else train)(recipe, folder, resume, callbacks)
+    if main and settings.tasks:
+        show_task_results(stdout, run_dir, settings, validation, test)
+    elif main:
         rundir.point_latest(run_dir, tasks.TASKS[settings.task].head)
         show_results(stdout, run_dir, settings, validation, test)
     return FinetuneResult(run_dir, validation, test)
@@ -61,6 +68,7 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     """Set up (everything that can refuse the input runs before the disk is touched), train into
     `folder.work_dir` (a rundir.RunFolder) and finish there;
     -> (validation metrics, test metrics, whether this is the main process)."""
+    import datasets
     import transformers
 
     from llmkit import rundir
@@ -76,12 +84,12 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     with console.status("reading data"):
         data = task_data.load_task_data(settings, recipe.run.seed)
     with console.status("preparing the tokenizer"):
-        tokenizer = task_tokenizer(recipe, data)
+        tokenizer = task_tokenizer(recipe, [(settings, data)])
     teacher = load_teacher(recipe, tokenizer, data.labels) if recipe.distill.teacher else None
     transformers.set_seed(recipe.run.seed)
     with console.status("loading the model"):
         model = apply_method(settings, build_task_model(recipe, tokenizer, data.labels))
-    train_features, validation_features = encode_splits(recipe, tokenizer, data, model, console)
+    train_features, validation_features = map(datasets.Dataset.from_list, encode_splits(recipe, tokenizer, data, model))
 
     metric = settings.metric or tasks.selection_metrics(settings.task)[0]
     args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
@@ -104,25 +112,28 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
 # ---------------------------------------------------------------- setup
 
 
-def task_tokenizer(recipe: Recipe, data):
-    """The base model's tokenizer, or one trained on the training texts; padded (the task's module may
-    prepare it further: a chat template for instruction tuning)."""
+def task_tokenizer(recipe: Recipe, parts: list[tuple[FinetuneSettings, task_data.TaskData]]):
+    """The base model's tokenizer, or one trained on the training texts of the task (or tasks: parts holds
+    each one's settings and data); padded (a task's module may prepare it further: a chat template for
+    instruction tuning)."""
     from llmkit.loading import objective_of, resolve_model
     from llmkit.tokenizer import load_tokenizer, train_tokenizer
 
-    settings = recipe.finetune
-    task = task_data.implementation(settings.task)
     source = recipe.tokenizer.path or (resolve_model(recipe.model.path) if recipe.model.path else "")
     if source:
         tokenizer = load_tokenizer(source)
     else:
-        objective = objective_of(recipe.model.arch, tasks.TASKS[settings.task].head)
-        tokenizer = train_tokenizer(task.training_texts(settings, data.train), recipe.tokenizer, objective)
+        objective = objective_of(recipe.model.arch, tasks.TASKS[parts[0][0].task].head)
+        texts = [text for settings, data in parts
+                 for text in task_data.implementation(settings.task).training_texts(settings, data.train)]
+        tokenizer = train_tokenizer(texts, recipe.tokenizer, objective)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    if hasattr(task, "prepare_tokenizer"):
-        task.prepare_tokenizer(tokenizer, settings)
+    for settings, _ in parts:
+        prepare = getattr(task_data.implementation(settings.task), "prepare_tokenizer", None)
+        if prepare:
+            prepare(tokenizer, settings)
     return tokenizer
 
 
@@ -147,10 +158,9 @@ def load_teacher(recipe: Recipe, tokenizer, labels: list[str]):
     return teacher
 
 
-def encode_splits(recipe: Recipe, tokenizer, data, model, console):
-    """Training and validation features as datasets; truncation and dropped examples are reported."""
-    import datasets
-
+def encode_splits(recipe: Recipe, tokenizer, data, model) -> list[list[dict]]:
+    """Training and validation feature rows; truncation and dropped examples are reported."""
+    from llmkit.console import console
     from llmkit.loading import model_positions
 
     settings = recipe.finetune
@@ -170,14 +180,16 @@ def encode_splits(recipe: Recipe, tokenizer, data, model, console):
                           f"the first {settings.max_length} tokens[/]")
         if not features.rows:
             raise LlmkitError(f"finetune.source {settings.source}: no usable {name} examples")
-        splits.append(datasets.Dataset.from_list(features.rows))
+        splits.append(features.rows)
     return splits
 
 
-def data_fingerprint(data) -> str:
+def data_fingerprint(*parts) -> str:
+    """Of the training and validation rows of the task (or each task, in order)."""
     from llmkit.data import fingerprint
 
-    return fingerprint([json.dumps(row, ensure_ascii=False, sort_keys=True) for row in data.train + data.validation])
+    return fingerprint([json.dumps(row, ensure_ascii=False, sort_keys=True)
+                        for data in parts for row in data.train + data.validation])
 
 
 def describe_setup(console, model, settings, data, train_features, precision) -> None:
@@ -305,25 +317,34 @@ def score_test(recipe: Recipe, model, tokenizer, data) -> dict:
 
 def write_reports(recipe: Recipe, trainer, tokenizer, data, run_dir: Path, validation: dict, test: dict) -> None:
     from llmkit import rundir
-    from llmkit.report import Origin, Scores, plot_losses, write_model_card
+    from llmkit.report import plot_losses
 
-    settings = recipe.finetune
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.run.name)
     rundir.write_json(run_dir / "final_metrics.json",
                       {"step": trainer.state.global_step, "validation": validation, "test": test})
+    write_card(recipe, recipe.run.name, trainer.model, tokenizer, data, run_dir / "README.md",
+               rundir.run_dir_for(recipe.run.output_dir, recipe.run.name), trainer.state.global_step, validation, test)
+
+
+def write_card(recipe: Recipe, name: str, model, tokenizer, data, path: Path, location: Path, steps: int,
+               validation: dict, test: dict, also: str = "") -> None:
+    """The model card of a fine-tuned model (`location`: the folder it will be loaded from; `also`: a
+    sentence more for its description)."""
+    from llmkit.report import Origin, Scores, write_model_card
+
+    settings = recipe.finetune
     base = f" of `{recipe.model.path}`" if recipe.model.path else ""
     adapter = settings.method != "full"
-    write_model_card(run_dir / "README.md", name=recipe.run.name, model=trainer.model, tokenizer=tokenizer,
-                     location=rundir.run_dir_for(recipe.run.output_dir, recipe.run.name),
+    write_model_card(path, name=name, model=model, tokenizer=tokenizer, location=location,
                      description=f"A {settings.task} model: {settings.method} fine-tuning{base} with llmkit."
                                  + ("" if settings.method == "full" else " This folder holds the adapter (PEFT); "
-                                    "`llmkit generate/eval` load it onto its base."),
+                                    "`llmkit generate/eval` load it onto its base.") + also,
                      origin=Origin(tasks.TASKS[settings.task].head, base=recipe.model.path,
                                    relation="adapter" if adapter else "finetune", training=(settings.source,),
                                    tags=("finetune", settings.task, *((settings.method, "peft") if adapter else ()))),
                      data=f"`{settings.source}`: {len(data.train):,} training / {len(data.validation):,} validation"
                           f" / {len(data.test):,} test examples",
-                     steps=trainer.state.global_step, samples=[],
+                     steps=steps, samples=[],
                      scores=[Scores(settings.validation_source or settings.source, "validation", validation),
                              Scores(settings.test_source, "test", test)])
 
@@ -335,12 +356,172 @@ def show_results(console, run_dir: Path, settings, validation: dict, test: dict)
     table.add_column("metric")
     table.add_column("validation (best)", justify="right")
     table.add_column("test", justify="right")
-    scored_as = tasks.TASKS[tasks.scorer_of(settings.task)]
-    names = [k for k in dict.fromkeys((*scored_as.headline, *tasks.selection_metrics(settings.task)))
-             if k in validation or k in test]
-    names += [f"baseline_{name}" for name in scored_as.headline if f"baseline_{name}" in test]
-    for name in names:
-        table.add_row(name, *(f"{split[name]:.4f}" if name in split else "-" for split in (validation, test)))
+    for name in shown_metrics(settings.task, validation, test):
+        table.add_row(name, *score_cells(name, validation, test))
     console.print(table)
     console.print(f"[bold green]done[/]: model saved in {run_dir}"
                   + (f"; merged model in {run_dir / 'merged'}" if settings.merge else ""), highlight=False)
+
+
+def shown_metrics(task: str, validation: dict, test: dict) -> list[str]:
+    """The metrics of a task's results table: its headline, its selection metrics, its test baseline's."""
+    scored_as = tasks.TASKS[tasks.scorer_of(task)]
+    names = [k for k in dict.fromkeys((*scored_as.headline, *tasks.selection_metrics(task)))
+             if k in validation or k in test]
+    return names + [f"baseline_{name}" for name in scored_as.headline if f"baseline_{name}" in test]
+
+
+def score_cells(name: str, *splits: dict) -> list[str]:
+    return [f"{split[name]:.4f}" if name in split else "-" for split in splits]
+
+
+# ---------------------------------------------------------------- several tasks at once (finetune.tasks)
+
+
+def train_tasks(recipe: Recipe, folder, resume: bool, callbacks: list | None):
+    """Multi-task fine-tuning: one model per [[finetune.tasks]] table, all sharing one encoder
+    (llmkit.multitask), trained on batches of one task each; the checkpoint kept is the best by the mean of
+    the tasks' validation scores. -> ({task: validation metrics} and "mean_score", {task: test metrics}, main)."""
+    import transformers
+
+    from llmkit import rundir
+    from llmkit.callbacks import MetricsFile
+    from llmkit.console import console
+    from llmkit.devices import training_precision
+    from llmkit.loading import build_task_model
+    from llmkit.multitask import SharedEncoderModel, TaskRows
+    from llmkit.training import start_run, train_resumably, training_arguments
+
+    work_dir = folder.work_dir
+    parts = {entry.label: recipe.finetune.for_task(entry) for entry in recipe.finetune.tasks}
+    with console.status("reading data"):
+        data = {name: task_data.load_task_data(settings, recipe.run.seed) for name, settings in parts.items()}
+    with console.status("preparing the tokenizer"):
+        tokenizer = task_tokenizer(recipe, [(settings, data[name]) for name, settings in parts.items()])
+    transformers.set_seed(recipe.run.seed)
+    recipes = {name: dataclasses.replace(recipe, finetune=settings) for name, settings in parts.items()}
+    with console.status("loading the model"):
+        model = SharedEncoderModel({name: build_task_model(recipes[name], tokenizer, data[name].labels)
+                                    for name in parts})
+    features = {name: encode_splits(recipes[name], tokenizer, data[name], model.task_models[name]) for name in parts}
+
+    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
+                              load_best_model_at_end=True, metric_for_best_model="mean_score",
+                              greater_is_better=True, remove_unused_columns=False,
+                              ddp_find_unused_parameters=True,  # a step trains one task's head, not the others
+                              **({"save_steps": recipe.train.eval_every} if recipe.train.eval_every else {}))
+    start_run(folder, recipe, args, resume, data_fingerprint(*data.values()))
+    train_rows = TaskRows({name: rows for name, (rows, _) in features.items()})
+    if args.process_index == 0:
+        describe_tasks(console, model, parts, data, train_rows, training_precision(recipe.train.precision),
+                       recipe.finetune.task_temperature)
+    trainer = make_task_trainer(recipe, model, tokenizer, args, train_rows,
+                                TaskRows({name: rows for name, (_, rows) in features.items()}), parts, data,
+                                callbacks=[MetricsFile(work_dir / "metrics.jsonl"), *(callbacks or [])])
+    train_resumably(trainer, work_dir, resume, "finetune")
+    validation, test = finish_tasks(recipe, trainer, tokenizer, parts, data, work_dir)
+    return validation, test, args.process_index == 0
+
+
+def describe_tasks(console, model, parts: dict, data: dict, train_rows, precision, temperature: float) -> None:
+    from llmkit.multitask import task_probabilities
+
+    shared = sum(p.numel() for p in model.encoder.parameters())
+    heads = sum(p.numel() for p in model.heads.parameters())
+    console.print(f"{len(parts)} tasks, one {model.encoder.config.model_type} encoder ({shared / 1e6:.2f}M parameters "
+                  f"shared, {heads:,} in the heads); {precision.name} ({precision.reason})", highlight=False)
+    shares = task_probabilities(list(map(len, train_rows.lengths)), temperature)
+    for (name, settings), rows, share in zip(parts.items(), train_rows.lengths, shares):
+        console.print(f"  {name}: {settings.task} on {settings.source}, {len(rows):,} training / "
+                      f"{len(data[name].validation):,} validation / {len(data[name].test):,} test examples, "
+                      f"{share:.0%} of the batches", highlight=False)
+
+
+def make_task_trainer(recipe: Recipe, model, tokenizer, args, train_rows, validation_rows, parts: dict,
+                      data: dict, callbacks):
+    from transformers import PrinterCallback
+
+    from llmkit.callbacks import Progress
+    from llmkit.multitask import MultitaskTrainer, TaskCollator, task_probabilities
+
+    lengths = [length for task in train_rows.lengths for length in task]
+    tokens_per_step = sum(lengths) / len(lengths) * args.train_batch_size * args.gradient_accumulation_steps \
+        * args.world_size
+    trainer = MultitaskTrainer(
+        model=model, args=args, train_dataset=train_rows, eval_dataset=validation_rows,
+        data_collator=TaskCollator({name: task_data.collator(settings.task, tokenizer) for name, settings in parts.items()}),
+        processing_class=tokenizer, callbacks=[Progress(round(tokens_per_step)), *callbacks], perplexity=False,
+        score_validation=task_scorer(recipe, tokenizer, parts, data),
+        probabilities=task_probabilities(list(map(len, train_rows.lengths)), recipe.finetune.task_temperature))
+    trainer.remove_callback(PrinterCallback)  # Progress prints instead
+    return trainer
+
+
+def task_scorer(recipe: Recipe, tokenizer, parts: dict, data: dict):
+    """SharedEncoderModel -> every task's validation scores as "<task>/<metric>", and "mean_score": the mean
+    of each task's selection metric (its `metric`, else its usual one)."""
+
+    def score(model) -> dict:
+        scores, chosen = {}, []
+        for name, settings in parts.items():
+            task = task_data.eval_task(settings, settings.validation_source or settings.source)
+            metrics = task_data.score(model.task_models[name], tokenizer, task, data[name].validation,
+                                      recipe.train.eval_batch_size)
+            scores |= {f"{name}/{key}": value for key, value in metrics.items()}
+            chosen.append(metrics[(settings.metric or tasks.selection_metrics(settings.task)[0]).removeprefix("eval_")])
+        return scores | {"mean_score": sum(chosen) / len(chosen)}
+
+    return score
+
+
+def finish_tasks(recipe: Recipe, trainer, tokenizer, parts: dict, data: dict, run_dir: Path) -> tuple[dict, dict]:
+    """Each task's model (the shared encoder with its head) saved as <run>/<task>, a model that transformers
+    and every llmkit command load; test scores per task; reports."""
+    from llmkit import rundir
+    from llmkit.callbacks import per_task
+    from llmkit.console import console
+    from llmkit.report import plot_losses
+    from llmkit.training import trained_model
+
+    location = rundir.run_dir_for(recipe.run.output_dir, recipe.run.name)
+    best = best_evaluation(trainer)
+    validation = {name: {} for name in parts} | {"mean_score": best.get("eval_mean_score")}
+    for name, metric, value in per_task(best):
+        validation[name][metric] = value
+    test: dict = {}
+    if trainer.is_world_process_zero():
+        model = trained_model(trainer)
+        model.eval()
+        for name, settings in parts.items():
+            task_recipe = dataclasses.replace(recipe, finetune=settings)
+            model.save(name, run_dir / name)
+            tokenizer.save_pretrained(str(run_dir / name))
+            if data[name].test:
+                with console.status(f"scoring {len(data[name].test):,} {name} test examples"):
+                    test[name] = score_test(task_recipe, model.task_models[name], tokenizer, data[name])
+            others = ", ".join(other for other in parts if other != name)
+            write_card(task_recipe, f"{recipe.run.name}/{name}", model.task_models[name], tokenizer, data[name],
+                       run_dir / name / "README.md", location / name, trainer.state.global_step, validation[name],
+                       test.get(name, {}), also=f" Multi-task: its encoder was trained together with {others}.")
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.run.name)
+        rundir.write_json(run_dir / "final_metrics.json",
+                          {"step": trainer.state.global_step, "validation": validation, "test": test})
+    return validation, test
+
+
+def show_task_results(console, run_dir: Path, settings, validation: dict, test: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(settings.tasks)} tasks, one shared encoder")
+    for column in ("task", "metric"):
+        table.add_column(column)
+    table.add_column("validation (best)", justify="right")
+    table.add_column("test", justify="right")
+    for entry in settings.tasks:
+        scores, tested = validation[entry.label], test.get(entry.label, {})
+        for name in shown_metrics(entry.task, scores, tested):
+            table.add_row(entry.label, name, *score_cells(name, scores, tested))
+    table.add_row("all", "mean score", *score_cells("mean_score", validation, {}))
+    console.print(table)
+    console.print(f"[bold green]done[/]: models saved in {run_dir}: "
+                  + ", ".join(f"{entry.label}/" for entry in settings.tasks), highlight=False)

@@ -10,11 +10,12 @@ heavy imports here: loading a recipe must stay instant.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 from llmkit.errors import LlmkitError, did_you_mean
-from llmkit.tasks import EVAL_KINDS, FINETUNE_TASKS, selection_metrics
+from llmkit.tasks import EVAL_KINDS, FINETUNE_TASKS, MULTITASK_TASKS, TASKS, selection_metrics
 
 PATH = {"path": True}  # field metadata: a relative value resolves against the recipe's folder
 INT_MAX = 2**31 - 1  # integer settings (steps, sizes, counts) stay below this: larger is a typo, and overflows C code
@@ -340,6 +341,42 @@ ADAPTER_METHODS = ("lora", "dora", "qlora")  # the methods whose adapter can be 
 
 
 @dataclass
+class TaskEntry(Columns):
+    """One task of a multi-task fine-tuning ([[finetune.tasks]]): the shared model gets a head for it. What
+    the tasks share (validation_fraction, [train], [model]) stays in [finetune] and the other tables."""
+
+    name: str = ""  # the task's name in reports, and its model's folder (<run>/<name>); "" = the task
+    task: FinetuneTask = "classification"  # one whose head reads the shared encoder (llmkit.tasks.MULTITASK_TASKS)
+    source: str = field(default="", metadata=PATH)  # training data: built-in data set, file, folder or hub dataset
+    validation_source: str = field(default="", metadata=PATH)  # "" = hold out finetune.validation_fraction of source
+    test_source: str = field(default="", metadata=PATH)  # scored once at the end
+    hub_split: str = "train"  # hub datasets: the split source reads
+    labels: list[str] = field(default_factory=list)  # label order; [] = sorted labels seen in training
+    max_length: int = 0  # tokens per example; 0 = finetune.max_length
+    metric: str = ""  # the validation metric of this task that joins the mean picking the checkpoint; "" = the task's usual
+
+    RANGES = {"max_length": COUNT_OR_ZERO}
+
+    @property
+    def label(self) -> str:
+        return self.name or self.task
+
+    def check(self, where: str) -> None:
+        check_ranges(self, where)
+        if self.task not in MULTITASK_TASKS:
+            raise LlmkitError(f'{where}.task "{self.task}" cannot share a model with other tasks (multi-task '
+                              f'fine-tuning takes {", ".join(MULTITASK_TASKS)})')
+        if not self.source:
+            raise LlmkitError(f"{where}.source is empty: name the task's training data")
+        if not all(c.isalnum() or c in "-_." for c in self.label) or self.label.startswith("."):
+            raise LlmkitError(f"{where}.name {self.label!r} names the task's model folder: letters, digits, - _ . only")
+        check_metric(self.task, self.metric, f"{where}.metric")
+        if self.metric.removeprefix("eval_") == "loss":
+            raise LlmkitError(f"{where}.metric: the checkpoint kept is the best by the mean of the tasks' scores, "
+                              f"which a loss does not join (expected one of: {', '.join(TASKS[self.task].select_by)})")
+
+
+@dataclass
 class FinetuneSettings(Columns):
     """`llmkit finetune`: adapt [model] (model.path: a run, model dir or hub id) to a task. Training
     settings (learning rate, batch size, epochs, evaluation) come from [train]."""
@@ -365,13 +402,18 @@ class FinetuneSettings(Columns):
     num_virtual_tokens: int = 20  # prompt-tuning/prefix-tuning: learned tokens
     merge: bool = False  # lora/dora/qlora: also save the base with the adapter merged in, as <run>/merged
     chat_template: str = ""  # causal-lm: Jinja chat template for a tokenizer without one; "" = llmkit's plain one
+    tasks: list[TaskEntry] = field(default_factory=list)  # [[finetune.tasks]]: several tasks learnt at once by one model with a head each (multi-task learning; task, source and the keys above apply to single-task runs)
+    task_temperature: float = 1.0  # multi-task: a batch is of task i with probability ∝ (its training examples)^(1/T): 1 = in proportion to size, larger = more even
 
     RANGES = {"validation_fraction": FRACTION, "max_length": COUNT, "early_stopping_patience": COUNT_OR_ZERO,
-              "lora_r": COUNT, "lora_alpha": COUNT, "lora_dropout": BELOW_ONE, "num_virtual_tokens": COUNT}
+              "lora_r": COUNT, "lora_alpha": COUNT, "lora_dropout": BELOW_ONE, "num_virtual_tokens": COUNT,
+              "task_temperature": Range(1, 100)}
 
     def check(self) -> None:
         check_ranges(self, "finetune")
-        self.check_metric()
+        check_metric(self.task, self.metric, "finetune.metric")
+        if self.tasks:
+            self.check_tasks()
         if self.merge and self.method not in ADAPTER_METHODS:
             raise LlmkitError(f'finetune.merge needs an adapter method ({", ".join(ADAPTER_METHODS)}), '
                               f'not "{self.method}"')
@@ -380,13 +422,36 @@ class FinetuneSettings(Columns):
         if self.format != "auto" and self.task != "causal-lm":  # else silently ignored: the rows fail on other columns
             raise LlmkitError(f'finetune.format "{self.format}" is for task "causal-lm", not "{self.task}"')
 
-    def check_metric(self) -> None:
-        """A metric the task reports (transformers' "eval_" prefix allowed): a misspelled one would
-        otherwise pass here and fail at the first evaluation, after the run folder is made."""
-        metrics, name = selection_metrics(self.task), self.metric.removeprefix("eval_")
-        if self.metric and name not in metrics:
-            raise LlmkitError(f"finetune.metric {self.metric!r} is not a metric of task {self.task!r}"
-                              f"{did_you_mean(name, metrics)} (expected one of: {', '.join(metrics)})")
+    def for_task(self, entry: TaskEntry) -> "FinetuneSettings":
+        """These settings with one [[finetune.tasks]] table's keys in their place: what a single-task run reads."""
+        columns = {name: getattr(entry, name) for name in Columns.__dataclass_fields__}
+        return dataclasses.replace(self, tasks=[], task=entry.task, source=entry.source,
+                                   validation_source=entry.validation_source, test_source=entry.test_source,
+                                   hub_split=entry.hub_split, labels=list(entry.labels), metric=entry.metric,
+                                   max_length=entry.max_length or self.max_length, **columns)
+
+    def check_tasks(self) -> None:
+        """Multi-task: at least two tasks, each named once, all fully fine-tuned (each head is new)."""
+        if len(self.tasks) < 2:
+            raise LlmkitError("finetune.tasks holds one task: use finetune.task and finetune.source for a single task")
+        if self.method != "full":
+            raise LlmkitError(f'finetune.tasks (multi-task) trains the shared model and every head: method = "full", '
+                              f'not "{self.method}"')
+        for index, entry in enumerate(self.tasks):
+            entry.check(f"finetune.tasks[{index}]")
+        names = [entry.label for entry in self.tasks]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice:
+            raise LlmkitError(f"finetune.tasks: two tasks are named {twice!r}; give each a distinct name")
+
+
+def check_metric(task: str, metric: str, key: str) -> None:
+    """A metric the task reports (transformers' "eval_" prefix allowed): a misspelled one would otherwise pass
+    here and fail at the first evaluation, after the run folder is made."""
+    metrics, name = selection_metrics(task), metric.removeprefix("eval_")
+    if metric and name not in metrics:
+        raise LlmkitError(f"{key} {metric!r} is not a metric of task {task!r}"
+                          f"{did_you_mean(name, metrics)} (expected one of: {', '.join(metrics)})")
 
 
 @dataclass

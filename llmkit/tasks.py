@@ -54,6 +54,7 @@ class Task:
     targets: tuple[str, ...] = ("labels",)  # the features the loss is computed against (Trainer's label_names)
     has_labels: bool = False  # a label vocabulary, kept in the model's config (id2label)
     distillable: bool = False  # a teacher's output distribution can be matched token by token or per example
+    shares_encoder: bool = False  # its head reads the base model's hidden states: it can join a multi-task model
 
     @property
     def fine_tunable(self) -> bool:
@@ -70,14 +71,15 @@ TASKS = {
     "classification": Task("classification", "sequence-classification", ("text_column", "label_column"), 1,
                            optional_columns=("text_pair_column",), headline=("accuracy", "f1"),
                            select_by=("accuracy", "f1", "precision", "recall"), peft_task_type="SEQ_CLS",
-                           has_labels=True, distillable=True),
+                           has_labels=True, distillable=True, shares_encoder=True),
     "token-classification": Task("token_classification", "token-classification", ("tokens_column", "tags_column"),
                                  headline=("f1", "precision", "recall"), select_by=("f1", "precision", "recall"),
-                                 peft_task_type="TOKEN_CLS", has_labels=True, distillable=True),
+                                 peft_task_type="TOKEN_CLS", has_labels=True, distillable=True, shares_encoder=True),
     "extractive-qa": Task("extractive_qa", "question-answering",
                           ("context_column", "question_column", "answers_column"), 2,
                           headline=("exact_match", "f1"), select_by=("f1", "exact_match"),
-                          peft_task_type="QUESTION_ANS", targets=("start_positions", "end_positions")),
+                          peft_task_type="QUESTION_ANS", targets=("start_positions", "end_positions"),
+                          shares_encoder=True),
     "causal-lm": Task("causal_lm", "causal-lm", peft_task_type="CAUSAL_LM", scored_as="generation",
                       distillable=True),  # instruction tuning; its loss picks the checkpoint
     # an encoder-decoder: prompt_column (source) -> response_column (target), as prompt/response SFT data;
@@ -87,6 +89,7 @@ TASKS = {
 }
 EVAL_KINDS = tuple(name for name, task in TASKS.items() if not task.scored_as)  # what `llmkit eval` scores
 FINETUNE_TASKS = tuple(name for name, task in TASKS.items() if task.fine_tunable)
+MULTITASK_TASKS = tuple(name for name, task in TASKS.items() if task.shares_encoder)  # [[finetune.tasks]]
 
 
 def selection_metrics(name: str) -> tuple[str, ...]:

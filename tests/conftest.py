@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 # llmkit's own progress on stderr (results go to stdout): the setup line, training and evaluation steps,
 # samples, resuming, and the notice of a first Ctrl-C/SIGTERM. Anything else on stderr is a problem or noise.
 PROGRESS = re.compile(r"(model: \w+, .* parameters|\w[\w-]* by \w[\w-]*: .* parameters|step \d+/\d+  loss |"
-                      r"step \d+: eval loss |  sample: |resuming (from|with changed) |skipping .*: incomplete|"
+                      r"step \d+: eval loss |  sample: |\d+ tasks, one \w+ encoder |  [\w.-]+: [\w-]+ on .*, [\d,]+ training / |resuming (from|with changed) |skipping .*: incomplete|"
                       r"\n?SIG(INT|TERM): saving a checkpoint after this step)")
 
 
@@ -95,3 +97,23 @@ def save_tiny_model(path: Path, model_class: str, tokenizer, d_model: int = 32, 
     getattr(transformers, model_class)(settings).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def interrupted_at(monkeypatch, step: int):
+    """Within it, training stops after `step` as on Ctrl-C (a checkpoint saved, then llmkit's Interrupted,
+    which it expects); after it, training runs to its end again."""
+    from llmkit.errors import Interrupted
+    from llmkit.training import StopOnInterrupt
+
+    original = StopOnInterrupt.on_step_end
+
+    def interrupt(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            self.handle(signal.SIGINT, None)
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(StopOnInterrupt, "on_step_end", interrupt)
+    with pytest.raises(Interrupted, match="--resume"):
+        yield
+    monkeypatch.setattr(StopOnInterrupt, "on_step_end", original)

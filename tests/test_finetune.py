@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +19,12 @@ from typer.testing import CliRunner
 from llmkit import finetune, load_recipe
 from llmkit.cli import app
 from llmkit.corpora import peoples_daily
-from llmkit.errors import Interrupted
 from llmkit import tasks
 from llmkit.training import LlmkitTrainer
 from llmkit.settings import DistillSettings, FinetuneSettings
 from llmkit.rundir import latest_name
 from llmkit.task_data import TaskData
-from llmkit.training import StopOnInterrupt
-from tests.conftest import char_tokenizer, save_tiny_model
+from tests.conftest import char_tokenizer, save_tiny_model, interrupted_at
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,7 +216,7 @@ def trained_adapter_on_fp32_base(recipe, trained):
     from llmkit.task_data import load_task_data
 
     data = load_task_data(recipe.finetune, recipe.run.seed)
-    model = build_task_model(recipe, task_tokenizer(recipe, data), data.labels, quantize=False)
+    model = build_task_model(recipe, task_tokenizer(recipe, [(recipe.finetune, data)]), data.labels, quantize=False)
     model = peft.get_peft_model(model, copy.deepcopy(trained.peft_config["default"]))
     peft.set_peft_model_state_dict(model, peft.get_peft_model_state_dict(trained))
     return model
@@ -677,18 +674,9 @@ def test_resume_after_an_interrupt_logs_and_ends_as_an_uninterrupted_run(base, d
     more = ["train.max_steps=8", "train.eval_every=4", "train.learning_rate=1e-2", "finetune.metric=loss"]
     whole = train(base, data, tmp_path, "classification", "full", *more, name="whole")
 
-    original = StopOnInterrupt.on_step_end
-
-    def interrupt_at_step_3(self, args, state, control, **kwargs):
-        if state.global_step == 3:
-            self.handle(signal.SIGINT, None)
-        return original(self, args, state, control, **kwargs)
-
-    monkeypatch.setattr(StopOnInterrupt, "on_step_end", interrupt_at_step_3)
-    with pytest.raises(Interrupted, match="--resume"):
+    with interrupted_at(monkeypatch, 3):
         train(base, data, tmp_path, "classification", "full", *more, name="parts")
     assert (tmp_path / "runs" / "parts" / "checkpoints" / "checkpoint-3").is_dir()
-    monkeypatch.setattr(StopOnInterrupt, "on_step_end", original)
     resumed = train(base, data, tmp_path, "classification", "full", *more, name="parts", resume=True)
 
     def logged(run) -> list[tuple]:

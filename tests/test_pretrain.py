@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from llmkit import load_recipe, pretrain
-from llmkit.errors import Interrupted, LlmkitError
-from llmkit.training import StopOnInterrupt
+from llmkit.errors import LlmkitError
+from tests.conftest import interrupted_at
 
 pytestmark = pytest.mark.slow
 LLMKIT = [sys.executable, "-m", "llmkit"]
@@ -139,18 +139,9 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(tiny, tmp_path, monk
     steps = ["train.max_steps=8", "train.save_every=4", "train.eval_every=4"]
     whole = run_tiny([*tiny, "run.name=whole"], *steps)
 
-    original = StopOnInterrupt.on_step_end
-
-    def interrupt_at_step_5(self, args, state, control, **kwargs):
-        if state.global_step == 5:
-            self.handle(signal.SIGINT, None)
-        return original(self, args, state, control, **kwargs)
-
-    monkeypatch.setattr(StopOnInterrupt, "on_step_end", interrupt_at_step_5)
-    with pytest.raises(Interrupted, match="--resume"):
+    with interrupted_at(monkeypatch, 5):
         run_tiny([*tiny, "run.name=parts"], *steps)
     assert (tmp_path / "runs" / "parts" / "checkpoints" / "checkpoint-5").is_dir()
-    monkeypatch.setattr(StopOnInterrupt, "on_step_end", original)
     resumed = run_tiny([*tiny, "run.name=parts"], *steps, resume=True)
 
     assert resumed.metrics["eval_loss"] == pytest.approx(whole.metrics["eval_loss"], rel=1e-5)

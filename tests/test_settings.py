@@ -31,7 +31,9 @@ NUMERIC_FIELDS = [(cls, name, hint) for cls in settings_classes()
 
 
 def check(instance) -> None:
-    instance.check(*(["where"] if isinstance(instance, settings.EvalTask) else []))
+    if isinstance(instance, settings.TaskEntry):  # a [[finetune.tasks]] table must name its data
+        instance = dataclasses.replace(instance, source=instance.source or "data.jsonl")
+    instance.check(*(["where"] if isinstance(instance, (settings.EvalTask, settings.TaskEntry)) else []))
 
 
 @pytest.mark.parametrize("cls, name, hint", NUMERIC_FIELDS, ids=[f"{c.__name__}.{n}" for c, n, _ in NUMERIC_FIELDS])
