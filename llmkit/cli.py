@@ -207,6 +207,34 @@ def quantize(recipe: Optional[str] = typer.Argument(None, help="Recipe with a qu
         task.run(settings, overwrite=overwrite)
 
 
+@app.command(epilog="Examples:\n\n  llmkit serve --model runs/pretrain-zh-tiny\n\n"
+                    "  llmkit serve pretrain-zh-tiny --port 8080 --api-key secret\n\n"
+                    "  llmkit serve --host 0.0.0.0 --max-queue 128 --log-requests")
+def serve(recipe: Optional[str] = typer.Argument(None, help="Recipe whose [generate] table gives the defaults."),
+          sets: List[str] = SetOpt,
+          model: Optional[str] = typer.Option(None, "--model", "-m",
+                                              help="Run, model or adapter directory, or hub id (default: runs/latest)."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+          port: int = typer.Option(8000, "--port"),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLMKIT_API_KEY",
+                                                help="Answer 401 to /v1 requests without 'Authorization: Bearer KEY'."),
+          max_tokens: int = typer.Option(1024, "--max-tokens", help="The most new tokens a request may ask for."),
+          max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait; more are answered 429."),
+          max_batch: int = typer.Option(16, "--max-batch", help="Waiting requests generated together, at most."),
+          timeout: float = typer.Option(300, "--timeout", help="Seconds a request may take, queue included (504)."),
+          max_body: int = typer.Option(1_000_000, "--max-body", help="Largest request body, bytes (413)."),
+          log_requests: bool = typer.Option(False, "--log-requests", help="A line per request on stdout.")):
+    """Serve a model over the OpenAI API (completions, chat, streaming), with a chat page at /."""
+    with reporting_errors():
+        from llmkit.recipe import load_recipe
+
+        settings = load_recipe(recipe, sets, options=table_options("generate", {"model": model}))
+        from llmkit import serve as task
+
+        task.run(settings, host=host, port=port, api_key=api_key, log_requests=log_requests, max_tokens=max_tokens,
+                 max_queue=max_queue, max_batch=max_batch, timeout=timeout, max_body=max_body)
+
+
 @app.command(epilog="Examples:\n\n  llmkit push runs/pretrain-zh-tiny your-name/pretrain-zh-tiny\n\n"
                     "  llmkit push runs/classify/merged your-name/classify-zh --private --revision v1")
 def push(run: Path = typer.Argument(..., help="Run, quantized or merged model folder."),

@@ -209,17 +209,23 @@ def seed_everything(seed: int | None) -> None:
         torch.manual_seed(seed)  # all devices
 
 
-def run_generate(model, tokenizer, inputs, settings: GenerateSettings, streamer=None):
+def run_generate(model, tokenizer, inputs, settings: GenerateSettings, streamer=None, stopping: tuple = ()):
     """model.generate on encoded inputs -> (new token ids [batch x n, new], first-token seconds, seconds);
-    for a decoder-only model and an encoder-decoder alike (new_ids_of).
+    for a decoder-only model and an encoder-decoder alike (new_ids_of). `stopping`: more StoppingCriteria
+    (the server's, that end the sequences of requests given up).
 
     The first token is timed where transformers accepts a streamer (no beam search); else it is None."""
     import torch
 
     clock = FirstTokenClock(streamer) if settings.num_beams == 1 else None
+    kwargs = generation_kwargs(settings, tokenizer, model)
+    if stopping:
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), *stopping])
     start = time.perf_counter()
     with torch.inference_mode():
-        output = model.generate(**inputs, **generation_kwargs(settings, tokenizer, model), streamer=clock or streamer)
+        output = model.generate(**inputs, **kwargs, streamer=clock or streamer)
     seconds = time.perf_counter() - start
     return new_ids_of(model, output, inputs), clock.first if clock else None, seconds
 
@@ -326,6 +332,15 @@ def generation_speed(model, tokenizer, prompt: str, tokens: int, runs: int) -> f
 # ---------------------------------------------------------------- chat
 
 
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The prompt that asks for the next reply to `messages` ({"role", "content"} dicts): the tokenizer's
+    chat template when it has one (encode it without special tokens: the template holds them), else the
+    messages' texts joined by line breaks."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(message["content"] for message in messages)
+
+
 class ChatSession:
     """A conversation: the tokenizer's chat template over the history when it has one, else plain
     continuation of the history's texts joined by line breaks."""
@@ -338,9 +353,7 @@ class ChatSession:
         seed_everything(seed)
 
     def prompt_text(self) -> str:
-        if self.templated:
-            return self.tokenizer.apply_chat_template(self.history, tokenize=False, add_generation_prompt=True)
-        return "\n".join(message["content"] for message in self.history)
+        return chat_prompt(self.tokenizer, self.history)
 
     def prompt_ids(self) -> list[int]:
         return self.tokenizer(self.prompt_text(), add_special_tokens=not self.templated)["input_ids"]

@@ -1,0 +1,299 @@
+"""llmkit serve, started as a subprocess on a free loopback port over a tiny random llama, driven by the real
+`openai` client: completions, chat, streaming, stop strings, errors in OpenAI's shape, the API key, a full
+queue, batching of waiting requests, and draining on SIGTERM. Greedy text through the server is the text
+llmkit's own generation makes of the same prompt."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+from llmkit.settings import GenerateSettings
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from llmkit.generation import ChatSession, generate_text  # noqa: E402
+from llmkit.loading import load_model  # noqa: E402
+from tests.conftest import char_tokenizer, save_tiny_model  # noqa: E402
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+SERVER_LINE = "serving model on http://127.0.0.1:"
+GREEDY = GenerateSettings(max_new_tokens=8, greedy=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny llama with a chat template, taking 4,096 positions (rotary: any length works), so that a
+    request can run long enough for others to wait behind it."""
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    path = save_tiny_model(tmp_path_factory.mktemp("serve") / "model", "LlamaForCausalLM", tokenizer)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 4096}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    return load_model(str(model_dir))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`llmkit serve` in a subprocess; stderr kept for the end."""
+
+    def __init__(self, model_dir: Path, *options: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+        self.process = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", "--model", str(model_dir),
+                                         "--port", str(self.port), *options],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while not self.up():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError(f"the server did not start: {self.process.communicate()[1]}")
+            time.sleep(0.2)
+
+    def up(self) -> bool:
+        try:
+            return get(f"{self.url}/health")[0] == 200
+        except OSError:
+            return False
+
+    def health(self) -> dict:
+        return get(f"{self.url}/health")[1]
+
+    def client(self, key: str = "none", **options) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **options)
+
+    def stop(self) -> tuple[int, str, str]:
+        """SIGTERM, as a service manager stops it: (exit status, stdout, stderr)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        out, err = self.process.communicate(timeout=60)
+        return self.process.returncode, out, err
+
+
+def get(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of a plain request, errors included."""
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} | (headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@contextlib.contextmanager
+def serving(model_dir: Path, *options: str):
+    server = Server(model_dir, *options)
+    try:
+        yield server
+    finally:
+        status, _, err = server.stop()
+        assert status == 0, err
+        # stderr holds llmkit's own lines only: no uvicorn notices, no access log
+        assert [line for line in err.splitlines() if line.strip()] == [
+            f"{SERVER_LINE}{server.port} (OpenAI API under /v1, chat page at /); Ctrl-C stops", "server stopped"]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with serving(model_dir, "--max-tokens", "3000", "--max-body", "20000") as running:
+        yield running
+
+
+def long_stream(client, tokens: int = 3000):
+    """A streaming request that runs for seconds, once its first token has come."""
+    stream = client.completions.create(model="model", prompt="长", max_tokens=tokens, temperature=0, stream=True)
+    next(iter(stream))
+    return stream
+
+
+def wait_for(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def test_models_and_health(server):
+    assert [model.id for model in server.client().models.list()] == ["model"]
+    health = server.health()
+    assert health["status"] == "ok" and health["model"] == "model"
+    # the model's defaults (none in its generation_config) are llmkit's
+    assert health["settings"] | {"max_tokens": 0} == {"max_tokens": 0, "temperature": 0.8, "top_p": 0.95, "top_k": 50,
+                                                      "repetition_penalty": 1.1, "stop": []}
+
+
+def test_greedy_completion_is_llmkits_own_generation_token_for_token(server, local):
+    model, tokenizer = local
+    for prompt in ("今天", "中国人民"):
+        completion = server.client().completions.create(model="model", prompt=prompt, max_tokens=8, temperature=0)
+        own = generate_text(model, tokenizer, prompt, GREEDY)
+        choice = completion.choices[0]
+        assert tokenizer(choice.text, add_special_tokens=False)["input_ids"] == own.ids[-8:]
+        assert choice.text == own.text and choice.finish_reason == "length"
+        prompt_tokens = len(tokenizer(prompt)["input_ids"])
+        assert (completion.usage.prompt_tokens, completion.usage.completion_tokens,
+                completion.usage.total_tokens) == (prompt_tokens, 8, prompt_tokens + 8)
+
+
+def test_chat_uses_the_chat_template(server, local):
+    model, tokenizer = local
+    tokenizer.chat_template = CHAT_TEMPLATE
+    reply = server.client().chat.completions.create(model="model", messages=[{"role": "user", "content": "你好"}],
+                                                     max_tokens=8, temperature=0)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == ChatSession(model, tokenizer, GREEDY).reply("你好").text
+    templated = "<s>user:你好\n<s>assistant:"
+    assert reply.usage.prompt_tokens == len(tokenizer(templated, add_special_tokens=False)["input_ids"])
+
+
+def test_streaming_gives_the_same_text_and_cuts_at_a_stop_string(server):
+    client = server.client()
+    full = client.completions.create(model="model", prompt="我们", max_tokens=12, temperature=0).choices[0].text
+    stop = full[5]
+    cut = full[:full.index(stop)]
+    pieces = [chunk.choices[0] for chunk in client.completions.create(
+        model="model", prompt="我们", max_tokens=12, temperature=0, stop=[stop], stream=True)]
+    assert "".join(piece.text for piece in pieces) == cut and len(pieces) > 2
+    assert [piece.finish_reason for piece in pieces][-1] == "stop"
+    chat = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "我们"}],
+                                          max_tokens=6, temperature=0, stream=True,
+                                          stream_options={"include_usage": True})
+    chunks = list(chat)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].choices == []
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    plain = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "我们"}],
+                                           max_tokens=6, temperature=0)
+    assert streamed == plain.choices[0].message.content
+
+
+def test_seeded_sampling_repeats_and_n_gives_n_choices(server):
+    client = server.client()
+    ask = dict(model="model", prompt="今天", max_tokens=10, temperature=1.0, top_p=1.0, n=3, seed=7)
+    first, second = client.completions.create(**ask), client.completions.create(**ask)
+    texts = [choice.text for choice in first.choices]
+    assert [choice.index for choice in first.choices] == [0, 1, 2]
+    assert texts == [choice.text for choice in second.choices] and len(set(texts)) == 3
+    assert first.usage.completion_tokens == 30
+    other = client.completions.create(**ask | {"seed": 8})
+    assert [choice.text for choice in other.choices] != texts
+
+
+def test_bad_requests_get_openais_error_shape(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="model", prompt="今天", max_tokens=0)
+    assert bad.value.status_code == 400 and bad.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match="n > 1 needs sampling"):
+        client.completions.create(model="model", prompt="今天", n=2, temperature=0)
+    with pytest.raises(openai.BadRequestError, match="at most 3000"):
+        client.completions.create(model="model", prompt="今天", max_tokens=5000)
+    with pytest.raises(openai.BadRequestError) as long:
+        client.completions.create(model="model", prompt="今" * 1500, max_tokens=3000)
+    assert long.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="今天")
+    status, body = get(f"{server.url}/v1/chat/completions", b'{"model": "model", "messages": []}')
+    assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["param"] == "messages" and body["error"]["type"] == "invalid_request_error"
+    assert get(f"{server.url}/v1/completions", b"{not json")[0] == 400
+    assert get(f"{server.url}/v1/completions", json.dumps({"model": "model", "prompt": "长" * 10_000}).encode()) \
+        == (413, {"error": {"message": "request body over 20000 bytes (--max-body)",
+                            "type": "invalid_request_error", "param": None, "code": "body_too_large"}})
+    assert get(f"{server.url}/v1/nowhere")[1]["error"]["type"] == "not_found_error"
+
+
+def test_waiting_requests_are_generated_in_one_batch(server, local):
+    model, tokenizer = local
+    client = server.client()
+    prompts = ["今天", "明天", "昨天", "我们"]  # the same length: no padding, so greedy text is exactly the single one
+    before = server.health()
+    stream = long_stream(client)
+    results: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda p=p: results.__setitem__(p, client.completions.create(
+        model="model", prompt=p, max_tokens=8, temperature=0).choices[0].text)) for p in prompts]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: server.health()["queued"] == 4)
+    stream.close()  # the client leaves: its request stops at the next token and the four go together
+    for thread in threads:
+        thread.join(60)
+    after = server.health()
+    assert after["largest_batch"] == 4 and after["batched_requests"] - before["batched_requests"] == 4
+    assert after["batches"] - before["batches"] == 2
+    assert results == {prompt: generate_text(model, tokenizer, prompt, GREEDY).text for prompt in prompts}
+
+
+def test_a_full_queue_answers_429_and_a_key_is_required(model_dir):
+    with serving(model_dir, "--max-queue", "1", "--api-key", "sesame", "--max-tokens", "3000") as server:
+        with pytest.raises(openai.AuthenticationError) as unauthorised:
+            server.client("wrong").models.list()
+        assert unauthorised.value.status_code == 401 and unauthorised.value.body["code"] == "invalid_api_key"
+        assert get(f"{server.url}/v1/models")[0] == 401
+        assert server.health()["status"] == "ok"  # probes need no key
+        client = server.client("sesame")
+        stream = long_stream(client)
+        waiting = threading.Thread(target=lambda: client.completions.create(model="model", prompt="一", max_tokens=2))
+        waiting.start()
+        wait_for(lambda: server.health()["queued"] == 1)
+        with pytest.raises(openai.RateLimitError) as full:
+            client.completions.create(model="model", prompt="二", max_tokens=2)
+        assert full.value.status_code == 429 and full.value.body["code"] == "queue_full"
+        stream.close()
+        waiting.join(60)
+        assert server.health()["requests"] == 2
+
+
+def test_sigterm_lets_the_request_in_flight_finish(model_dir):
+    server = Server(model_dir)
+    stream = server.client().completions.create(model="model", prompt="长", max_tokens=120, temperature=0,
+                                                stream=True)
+    chunks = iter(stream)
+    next(chunks)
+    server.process.send_signal(signal.SIGTERM)
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason == "length" and len(rest) >= 100
+    status, _, err = server.stop()
+    assert status == 0 and err.strip().endswith("server stopped")
+
+
+def test_bad_options_are_one_line_before_the_model_loads(model_dir):
+    runner = CliRunner()
+    missing = str(model_dir.parent / "nothing-here")
+    for options, message in ((["--model", str(model_dir), "--port", "70000"], "--port must be in 1..65535"),
+                             (["--model", str(model_dir), "--max-queue", "0"], "--max-queue must be at least 1"),
+                             (["--model", missing, "--port", str(free_port())], f"model not found: {missing}")):
+        result = runner.invoke(app, ["serve", *options])
+        assert result.exit_code == 2 and message in result.output, result.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = runner.invoke(app, ["serve", "--model", str(model_dir), "--port", str(taken.getsockname()[1])])
+    assert result.exit_code == 2 and "cannot listen there" in result.output
