@@ -297,3 +297,40 @@ def test_bad_options_are_one_line_before_the_model_loads(model_dir):
         taken.listen()
         result = runner.invoke(app, ["serve", "--model", str(model_dir), "--port", str(taken.getsockname()[1])])
     assert result.exit_code == 2 and "cannot listen there" in result.output
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's (apt-get install chromium; .ci/run installs it)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_the_chat_page_streams_replies_in_a_browser(server, local, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.is_file(), f"no {CHROMIUM}: apt-get install chromium (.ci/run does it)"
+    model, tokenizer = local
+    tokenizer.chat_template = CHAT_TEMPLATE
+    session = ChatSession(model, tokenizer, GenerateSettings(max_new_tokens=30, greedy=True))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(server.url)
+        page.wait_for_function("document.getElementById('model').textContent.startsWith('model')")
+        assert page.input_value("#temperature") == "0.8" and page.input_value("#top_p") == "0.95"
+        page.fill("#temperature", "0")  # greedy: the reply is known
+        page.fill("#max_tokens", "30")
+        # every change of the reply's text is a DOM mutation: a streamed reply is many, a whole one one
+        page.evaluate("window.updates = 0; new MutationObserver(records => window.updates += records.length)"
+                      ".observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true})")
+        for number, message in enumerate(["你好", "今天天气怎么样"], 1):
+            page.fill("#input", message)
+            page.press("#input", "Enter")
+            page.wait_for_selector(f".assistant.done >> nth={number - 1}", timeout=30_000)
+            shown = page.evaluate(f"document.querySelectorAll('.assistant')[{number - 1}].firstChild.textContent")
+            assert shown == session.reply(message).text  # the history goes with the second message
+        assert page.evaluate("window.updates") > 20 and page.locator(".error").count() == 0
+        page.screenshot(path=str(tmp_path / "chat-page.png"))
+        page.click("#new-chat")
+        assert page.locator(".message").count() == 0
+        browser.close()
+    assert (tmp_path / "chat-page.png").stat().st_size > 10_000

@@ -1,0 +1,99 @@
+"""llmkit.batching in process, on a tiny random llama: waiting jobs share a generate call, each gets its own
+text (the text it would get alone), streamed pieces add up to it, and jobs given up or over the queue fail."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+
+from llmkit.batching import Batcher, Failed, Finished, Job, Piece, QueueFull, TimedOut
+from llmkit.settings import GenerateSettings
+
+pytest.importorskip("torch")
+
+from llmkit.generation import generate_text  # noqa: E402
+from llmkit.loading import load_model  # noqa: E402
+from tests.conftest import char_tokenizer, save_tiny_model  # noqa: E402
+
+GREEDY = GenerateSettings(max_new_tokens=8, greedy=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = save_tiny_model(tmp_path_factory.mktemp("batching") / "model", "LlamaForCausalLM", char_tokenizer())
+    return load_model(str(path))
+
+
+def jobs_for(prompts: list[str], settings: GenerateSettings = GREEDY, **options) -> list[tuple[Job, list]]:
+    made = []
+    for prompt in prompts:
+        events: list = []
+        made.append((Job(prompt, settings, events.append, **options), events))
+    return made
+
+
+def run(batcher: Batcher, made: list[tuple[Job, list]]) -> list:
+    """Submit before the worker starts (so they all wait together), then each job's last event."""
+    batcher.submit([job for job, _ in made])
+    batcher.start()
+    deadline = time.monotonic() + 60
+    while not all(events and isinstance(events[-1], (Finished, Failed)) for _, events in made):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    batcher.stop()
+    return [events[-1] for _, events in made]
+
+
+def test_jobs_that_can_share_a_call_have_one_key():
+    one, other = (job for job, _ in jobs_for(["今天", "明天"]))
+    assert one.key() == other.key()
+    assert Job("今天", replace(GREEDY, stop=["。"]), print).key() != one.key()
+    assert Job("今天", GREEDY, print, add_special_tokens=False).key() != one.key()
+    assert Job("今天", GREEDY, print, seed=1).key() != Job("今天", GREEDY, print, seed=1).key()  # seeded: alone
+
+
+def test_waiting_jobs_run_as_one_batch_each_with_its_own_text(tiny):
+    model, tokenizer = tiny
+    prompts = ["今天", "明天", "我们"]
+    made = jobs_for(prompts, stream=True)
+    batcher = Batcher(model, tokenizer)
+    finished = run(batcher, made)
+    assert (batcher.stats.batches, batcher.stats.largest_batch, batcher.stats.batched_requests) == (1, 3, 3)
+    for prompt, done, (_, events) in zip(prompts, finished, made):
+        own = generate_text(model, tokenizer, prompt, GREEDY).text
+        assert [choice.text for choice in done.choices] == [own] and done.choices[0].tokens == 8
+        assert done.choices[0].finish_reason == "length"
+        assert "".join(event.text for event in events if isinstance(event, Piece)) == own
+
+
+def test_a_stop_string_ends_with_stop_and_n_gives_n_choices(tiny):
+    model, tokenizer = tiny
+    full = generate_text(model, tokenizer, "今天", GREEDY).text
+    (stopped,) = run(Batcher(model, tokenizer), jobs_for(["今天"], replace(GREEDY, stop=[full[4]])))
+    assert stopped.choices[0].text == full[:full.index(full[4])] and stopped.choices[0].finish_reason == "stop"
+    sampling = GenerateSettings(max_new_tokens=6, temperature=1.0, num_return_sequences=2)
+    (two,) = run(Batcher(model, tokenizer), jobs_for(["今天"], sampling, seed=3))
+    assert len(two.choices) == 2 and sum(choice.tokens for choice in two.choices) == 12
+
+
+def test_a_full_queue_refuses_and_late_jobs_time_out(tiny):
+    model, tokenizer = tiny
+    batcher = Batcher(model, tokenizer, max_queue=2)
+    with pytest.raises(QueueFull, match="the most the queue holds is 2"):
+        batcher.submit([job for job, _ in jobs_for(["一", "二", "三"])])
+    assert batcher.queued == 0  # all or none
+    late = jobs_for(["今天"], deadline=time.monotonic() - 1)
+    (failed,) = run(batcher, late)
+    assert isinstance(failed, Failed) and isinstance(failed.error, TimedOut)
+    assert batcher.stats.batches == 0
+
+
+def test_stopping_fails_the_jobs_still_waiting(tiny):
+    model, tokenizer = tiny
+    batcher = Batcher(model, tokenizer)
+    made = jobs_for(["今天"])
+    batcher.submit([made[0][0]])
+    batcher.stop()  # never started
+    assert isinstance(made[0][1][-1], Failed) and "shutting down" in str(made[0][1][-1].error)
