@@ -91,9 +91,13 @@ class BatchStats:
 class Batcher:
     """The queue and its worker thread (see the module's docstring)."""
 
-    def __init__(self, model, tokenizer, max_queue: int = 64, max_batch: int = 16) -> None:
+    def __init__(self, model, tokenizer, max_queue: int = 64, max_batch: int = 16, gather: float = 0.02) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.max_batch = max_queue, max_batch
+        # Seconds to wait for more requests before a batch that is not full starts. The clients of a batch
+        # that just ended send their next requests a few ms apart: without the wait the first would start
+        # alone and the others wait a whole generation behind it. (Costs a request alone that much.)
+        self.gather = gather
         self.waiting: deque[Job] = deque()
         self.changed = threading.Condition()
         self.running = False
@@ -143,20 +147,25 @@ class Batcher:
             self.busy = 0
 
     def take(self) -> list[Job] | None:
-        """The oldest waiting job and the waiting jobs that can join it; None once stopped."""
+        """The oldest waiting job and the waiting jobs that can join it (after `gather` seconds at most for
+        more to come); None once stopped."""
         with self.changed:
-            while True:
+            while self.running:
                 self.drop_given_up()
-                if self.waiting or not self.running:
-                    break
-                self.changed.wait()
-            if not self.running:
-                return None
-            key = self.waiting[0].key()
-            batch = [job for job in self.waiting if job.key() == key][:self.max_batch]
-            for job in batch:
-                self.waiting.remove(job)
-            return batch
+                if not self.waiting:
+                    self.changed.wait()
+                    continue
+                gathered = time.monotonic() + self.gather
+                while self.running and len(self.waiting) < self.max_batch and time.monotonic() < gathered:
+                    self.changed.wait(gathered - time.monotonic())
+                self.drop_given_up()
+                if self.waiting:
+                    key = self.waiting[0].key()
+                    batch = [job for job in self.waiting if job.key() == key][:self.max_batch]
+                    for job in batch:
+                        self.waiting.remove(job)
+                    return batch
+            return None
 
     def drop_given_up(self) -> None:
         for job in [job for job in self.waiting if job.given_up()]:

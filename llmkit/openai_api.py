@@ -35,7 +35,7 @@ from llmkit.settings import GenerateSettings
 
 @dataclass
 class Limits:
-    """What one request may ask (the `llmkit serve` options of the same names)."""
+    """What requests may ask and how they are batched (the `llmkit serve` options of the same names)."""
 
     max_tokens: int = 1024  # the most new tokens a request may ask for
     max_body: int = 1_000_000  # request body, bytes
@@ -43,6 +43,7 @@ class Limits:
     max_n: int = 8  # continuations per request
     max_queue: int = 64  # requests waiting; one more is answered 429
     max_batch: int = 16  # requests in one generate call
+    batch_wait: float = 0.02  # seconds a batch that is not full waits for more requests (llmkit.batching)
 
 
 @dataclass
@@ -384,3 +385,5 @@ def check_limits(limits: Limits) -> None:
             raise LlmkitError(f"{flag} must be at least 1, got {value}")
     if limits.timeout <= 0:
         raise LlmkitError(f"--timeout must be above 0 seconds, got {limits.timeout}")
+    if not 0 <= limits.batch_wait <= 10:
+        raise LlmkitError(f"--batch-wait must be 0 to 10 seconds, got {limits.batch_wait}")

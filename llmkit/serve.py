@@ -22,7 +22,8 @@ from llmkit.settings import Recipe
 def run(recipe: Recipe, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         log_requests: bool = False, **limits) -> None:
     """Serve recipe.generate.model (its [generate] settings as every request's defaults) until stopped.
-    `limits`: fields of llmkit.openai_api.Limits (max_tokens, max_queue, max_batch, timeout, max_body, max_n)."""
+    `limits`: fields of llmkit.openai_api.Limits (max_tokens, max_queue, max_batch, batch_wait, timeout,
+    max_body, max_n)."""
     from llmkit.console import console, quiet_libraries
 
     require_serving_libraries()
@@ -42,7 +43,8 @@ def run(recipe: Recipe, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
     source = resolve_model(settings.model or None, recipe.run.output_dir)
     model, tokenizer = load_model(source, device=settings.device, dtype=settings.dtype)
     served = ServedModel(Path(source).name, settings, model_positions(model.config))
-    batcher = Batcher(model, tokenizer, max_queue=limits.max_queue, max_batch=limits.max_batch)
+    batcher = Batcher(model, tokenizer, max_queue=limits.max_queue, max_batch=limits.max_batch,
+                      gather=limits.batch_wait)
     app = build_app(batcher, served, limits, api_key)
     shown = f"[{host}]" if ":" in host else host
     console.print(f"serving {served.name} on http://{shown}:{port} (OpenAI API under /v1, chat page at /); "
