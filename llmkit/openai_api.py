@@ -196,19 +196,34 @@ class Reply:
             yield sse(self.envelope([self.choice(i, None, None, True) | {"delta": {"role": "assistant", "content": ""}}
                                      for i in range(len(self.jobs) * self.n)], chunk=True))
         while len(finished) < len(self.jobs):
-            number, event = await self.events.get()
-            if isinstance(event, Piece):
-                yield sse(self.envelope([self.choice(number * self.n + event.choice, event.text, None, True)], True))
-            elif isinstance(event, Finished):
-                finished[number] = event
-                yield sse(self.envelope([self.choice(number * self.n + i, None, choice.finish_reason, True)
-                                         for i, choice in enumerate(event.choices)], True))
-            else:
-                yield sse(failure(event.error)[1])
-                return
+            for number, event in await self.next_events():
+                if isinstance(event, Piece):
+                    yield sse(self.envelope([self.choice(number * self.n + event.choice, event.text, None, True)], True))
+                elif isinstance(event, Finished):
+                    finished[number] = event
+                    yield sse(self.envelope([self.choice(number * self.n + i, None, choice.finish_reason, True)
+                                             for i, choice in enumerate(event.choices)], True))
+                else:
+                    yield sse(failure(event.error)[1])
+                    return
         if include_usage:
             yield sse(self.envelope([], True) | {"usage": self.usage(finished)})
         yield "data: [DONE]\n\n"
+
+    async def next_events(self) -> list[tuple[int, object]]:
+        """The events waiting (at least one), the text pieces in a row of one choice joined: a client slower
+        than the model gets fewer, longer chunks instead of falling behind."""
+        events = [await self.events.get()]
+        while not self.events.empty():
+            events.append(self.events.get_nowait())
+        joined: list[tuple[int, object]] = []
+        for number, event in events:
+            last = joined[-1] if joined else (None, None)
+            if isinstance(event, Piece) and isinstance(last[1], Piece) and (last[0], last[1].choice) == (number, event.choice):
+                joined[-1] = (number, Piece(event.choice, last[1].text + event.text))
+            else:
+                joined.append((number, event))
+        return joined
 
     def cancel(self) -> None:
         for job in self.jobs:

@@ -96,15 +96,18 @@ def test_a_completion_numbers_its_choices_by_prompt_then_n():
 
 
 def test_chat_chunks_name_the_role_first_and_end_with_done():
-    chunks = replay(two_job_reply(chat=True), [(0, Piece(1, "你")), *DONE], stream=True, include_usage=True)
+    # pieces waiting together are joined per choice: a client slower than the model gets longer chunks
+    pieces = [(0, Piece(1, "你")), (0, Piece(1, "好")), (1, Piece(1, "!"))]
+    chunks = replay(two_job_reply(chat=True), [*pieces, *DONE], stream=True, include_usage=True)
     assert all(chunk.startswith("data: ") and chunk.endswith("\n\n") for chunk in chunks)
     assert chunks[-1] == "data: [DONE]\n\n"
     data = [json.loads(chunk[6:]) for chunk in chunks[:-1]]
     assert {datum["object"] for datum in data} == {"chat.completion.chunk"}
     assert [choice["delta"] for choice in data[0]["choices"]] == [{"role": "assistant", "content": ""}] * 4
-    assert data[1]["choices"] == [{"index": 1, "delta": {"content": "你"}, "logprobs": None, "finish_reason": None}]
-    assert [choice["finish_reason"] for choice in data[2]["choices"]] == ["stop", "length"]
-    assert [choice["index"] for choice in data[2]["choices"]] == [2, 3]
+    assert data[1]["choices"] == [{"index": 1, "delta": {"content": "你好"}, "logprobs": None, "finish_reason": None}]
+    assert data[2]["choices"][0]["index"] == 3 and data[2]["choices"][0]["delta"] == {"content": "!"}
+    assert [choice["finish_reason"] for choice in data[3]["choices"]] == ["stop", "length"]
+    assert [choice["index"] for choice in data[3]["choices"]] == [2, 3]
     assert data[-1]["choices"] == [] and data[-1]["usage"]["completion_tokens"] == 13
 
 
