@@ -174,14 +174,14 @@ class Batcher:
 
     def generate(self, batch: list[Job]) -> None:
         settings, n = batch[0].settings, batch[0].settings.num_return_sequences
-        rows = [job for job in batch for _ in range(n)]  # generate's output rows: n per prompt
-        streamers = [StopStreamer(self.tokenizer, lambda text, job=job, i=i: job.emit(Piece(i, text)), settings.stop)
-                     if job.stream else None for job, i in zip(rows, [i for _ in batch for i in range(n)])]
+        rows = [(job, choice) for job in batch for choice in range(n)]  # generate's output rows: n per prompt
+        streamers = [StopStreamer(self.tokenizer, lambda text, job=job, choice=choice: job.emit(Piece(choice, text)),
+                                  settings.stop) if job.stream else None for job, choice in rows]
         seed_everything(batch[0].seed)
         inputs = encode_prompts(self.tokenizer, [job.prompt for job in batch], self.model.device,
                                 batch[0].add_special_tokens, self.model)
         new_ids, _, _ = run_generate(self.model, self.tokenizer, inputs, settings, RowStreamer(streamers),
-                                     stopping=(give_up_criterion(rows),))
+                                     stopping=(give_up_criterion([job for job, _ in rows]),))
         self.count(batch)
         for number, job in enumerate(batch):
             if job.given_up() and not job.cancelled:

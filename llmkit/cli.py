@@ -210,7 +210,7 @@ def quantize(recipe: Optional[str] = typer.Argument(None, help="Recipe with a qu
 @app.command(epilog="Examples:\n\n  llmkit serve --model runs/pretrain-zh-tiny\n\n"
                     "  llmkit serve pretrain-zh-tiny --port 8080 --api-key secret\n\n"
                     "  llmkit serve --host 0.0.0.0 --max-queue 128 --log-requests")
-def serve(recipe: Optional[str] = typer.Argument(None, help="Recipe whose [generate] table gives the defaults."),
+def serve(recipe: Optional[str] = typer.Argument(None, help="Recipe whose \\[generate] table gives the defaults."),
           sets: List[str] = SetOpt,
           model: Optional[str] = typer.Option(None, "--model", "-m",
                                               help="Run, model or adapter directory, or hub id (default: runs/latest)."),
