@@ -276,13 +276,22 @@ def test_a_full_queue_answers_429_and_a_key_is_required(model_dir):
 
 
 def test_sigterm_lets_the_request_in_flight_finish(model_dir):
-    server = Server(model_dir)
+    server = Server(model_dir, "--log-requests")
     chunks = iter(long_stream(server.client(), stream_options={"include_usage": True}))
     server.process.send_signal(signal.SIGTERM)
     rest = list(chunks)
     assert rest[-2].choices[0].finish_reason == "length" and rest[-1].usage.completion_tokens == LONG
-    status, _, err = server.stop()
+    status, out, err = server.stop()
     assert status == 0 and err.strip().endswith("server stopped")
+    assert '"POST /v1/completions HTTP/1.1" 200' in out  # --log-requests: access lines on stdout
+
+
+def test_a_request_over_its_time_gets_504(model_dir):
+    with serving(model_dir, "--timeout", "0.2") as server:
+        with pytest.raises(openai.APIStatusError) as late:
+            server.client().completions.create(model="model", prompt="长", max_tokens=LONG, temperature=0)
+        assert late.value.status_code == 504 and late.value.body["type"] == "timeout"
+        assert server.client().completions.create(model="model", prompt="长", max_tokens=2).choices[0].text
 
 
 def test_bad_options_are_one_line_before_the_model_loads(model_dir):
