@@ -100,11 +100,21 @@ class CompletionRequest(Sampling):
     prompt: str | list[str] = Field(..., min_length=1)
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]  # the only kind of content part a text model reads
+    text: str
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: str | list[TextPart]
+
+    def plain(self) -> dict:
+        """{"role", "content"} with the content as one string, as chat templates take it."""
+        content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": self.role, "content": content}
 
 
 class ChatRequest(Sampling):
@@ -300,7 +310,7 @@ def build_app(batcher: Batcher, served: ServedModel, limits: Limits, api_key: st
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_request(request, ChatRequest, limits)
-        prompt = chat_prompt(tokenizer, [message.model_dump() for message in body.messages])
+        prompt = chat_prompt(tokenizer, [message.plain() for message in body.messages])
         return await answer(body, [prompt], chat=True)
 
     async def answer(body: Sampling, prompts: list[str], chat: bool):

@@ -49,6 +49,14 @@ def test_a_request_it_cannot_take_names_the_field(fields, status, param, message
     assert set(body["error"]) == {"message", "type", "param", "code"}
 
 
+def test_chat_content_may_come_in_text_parts():
+    request = ChatRequest(model="tiny", messages=[{"role": "user", "content": [{"type": "text", "text": "你"},
+                                                                             {"type": "text", "text": "好"}]}])
+    assert request.messages[0].plain() == {"role": "user", "content": "你好"}
+    with pytest.raises(ValueError, match="text"):
+        ChatRequest(model="tiny", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+
+
 def test_prompt_and_new_tokens_must_fit_the_model():
     check_length([("a", 100)], 28, 128)
     check_length([("a", 100)], 10_000, None)  # a model that does not say
