@@ -94,10 +94,11 @@ class Batcher:
     def __init__(self, model, tokenizer, max_queue: int = 64, max_batch: int = 16, gather: float = 0.02) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.max_batch = max_queue, max_batch
-        # Seconds to wait for more requests before a batch that is not full starts. The clients of a batch
-        # that just ended send their next requests a few ms apart: without the wait the first would start
-        # alone and the others wait a whole generation behind it. (Costs a request alone that much.)
+        # Seconds to wait for more requests before a batch smaller than the last one starts. The clients of a
+        # batch that just ended send their next requests a few ms apart: without the wait the first would
+        # start alone and the others wait a whole generation behind it. One client alone never waits.
         self.gather = gather
+        self.last_batch = 0
         self.waiting: deque[Job] = deque()
         self.changed = threading.Condition()
         self.running = False
@@ -148,7 +149,7 @@ class Batcher:
 
     def take(self) -> list[Job] | None:
         """The oldest waiting job and the waiting jobs that can join it (after `gather` seconds at most for
-        more to come); None once stopped."""
+        as many as the last batch had); None once stopped."""
         with self.changed:
             while self.running:
                 self.drop_given_up()
@@ -156,7 +157,8 @@ class Batcher:
                     self.changed.wait()
                     continue
                 gathered = time.monotonic() + self.gather
-                while self.running and len(self.waiting) < self.max_batch and time.monotonic() < gathered:
+                while self.running and len(self.waiting) < min(self.last_batch, self.max_batch) \
+                        and time.monotonic() < gathered:
                     self.changed.wait(gathered - time.monotonic())
                 self.drop_given_up()
                 if self.waiting:
@@ -164,6 +166,7 @@ class Batcher:
                     batch = [job for job in self.waiting if job.key() == key][:self.max_batch]
                     for job in batch:
                         self.waiting.remove(job)
+                    self.last_batch = len(batch)
                     return batch
             return None
 

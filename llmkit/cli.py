@@ -222,7 +222,7 @@ def serve(recipe: Optional[str] = typer.Argument(None, help="Recipe whose \\[gen
           max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait; more are answered 429."),
           max_batch: int = typer.Option(16, "--max-batch", help="Waiting requests generated together, at most."),
           batch_wait: float = typer.Option(0.02, "--batch-wait",
-                                           help="Seconds a batch that is not full waits for more requests."),
+                                           help="Seconds a batch smaller than the last one waits for more requests."),
           timeout: float = typer.Option(300, "--timeout", help="Seconds a request may take, queue included (504)."),
           max_body: int = typer.Option(1_000_000, "--max-body", help="Largest request body, bytes (413)."),
           log_requests: bool = typer.Option(False, "--log-requests", help="A line per request on stdout.")):

@@ -43,7 +43,7 @@ class Limits:
     max_n: int = 8  # continuations per request
     max_queue: int = 64  # requests waiting; one more is answered 429
     max_batch: int = 16  # requests in one generate call
-    batch_wait: float = 0.02  # seconds a batch that is not full waits for more requests (llmkit.batching)
+    batch_wait: float = 0.02  # seconds a batch smaller than the last one waits for more (llmkit.batching)
 
 
 @dataclass
