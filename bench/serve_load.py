@@ -54,12 +54,12 @@ class Phase:
                 f"| {1000 * statistics.median(self.first_tokens):.0f} |")
 
 
-def one_request(client: openai.OpenAI, phase: Phase, prompt: str, tokens: int, lock: threading.Lock) -> None:
+def one_request(client: openai.OpenAI, phase: Phase, prompt: str, ask: dict, lock: threading.Lock) -> None:
     start = time.perf_counter()
     first, used = None, 0
     try:
-        stream = client.completions.create(model="model", prompt=prompt, max_tokens=tokens, stream=True,
-                                           stream_options={"include_usage": True})
+        stream = client.completions.create(model="model", prompt=prompt, stream=True,
+                                           stream_options={"include_usage": True}, **ask)
         for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].text:
                 first = time.perf_counter() - start
@@ -75,7 +75,7 @@ def one_request(client: openai.OpenAI, phase: Phase, prompt: str, tokens: int, l
         phase.tokens += used
 
 
-def run_phase(url: str, clients: int, requests: int, tokens: int, seconds: float) -> Phase:
+def run_phase(url: str, clients: int, requests: int, ask: dict, seconds: float) -> Phase:
     phase, lock = Phase(clients), threading.Lock()
     stop_at = time.perf_counter() + seconds
 
@@ -84,7 +84,7 @@ def run_phase(url: str, clients: int, requests: int, tokens: int, seconds: float
         for index in range(requests):
             if time.perf_counter() > stop_at:
                 return
-            one_request(client, phase, PROMPTS[(number + index) % len(PROMPTS)], tokens, lock)
+            one_request(client, phase, PROMPTS[(number + index) % len(PROMPTS)], ask, lock)
 
     threads = [threading.Thread(target=client_loop, args=(number,)) for number in range(clients)]
     start = time.perf_counter()
@@ -96,12 +96,12 @@ def run_phase(url: str, clients: int, requests: int, tokens: int, seconds: float
     return phase
 
 
-def start_server(model: Path, clients: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, clients: int, batch_wait: float) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", "--model", str(model), "--port", str(port),
-                               "--max-queue", str(4 * clients), "--max-batch", str(clients)],
+                               "--max-queue", str(4 * clients), "--max-batch", str(clients), "--batch-wait", str(batch_wait)],
                               stderr=subprocess.DEVNULL, env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -115,6 +115,11 @@ def start_server(model: Path, clients: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not start")
 
 
+def health(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/health") as response:
+        return json.loads(response.read())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/pretrain-zh-tiny")
@@ -122,6 +127,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10, help="per client")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of each request")
     parser.add_argument("--seconds", type=float, default=300, help="no new request after this, per phase")
+    parser.add_argument("--batch-wait", type=float, default=0.02, help="llmkit serve --batch-wait")
+    parser.add_argument("--temperature", type=float, help="0 = greedy (default: sampling, the model's defaults)")
     options = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -129,26 +136,29 @@ def main() -> None:
         if not (source / "config.json").exists():
             print(f"{source} has no model: using a random model of the quickstart architecture", file=sys.stderr)
             source = quickstart_shaped_model(Path(scratch) / "model")
-        server, url = start_server(source, options.clients)
+        server, url = start_server(source, options.clients, options.batch_wait)
         try:
-            run_phase(url, 1, 2, 8, options.seconds)  # warm-up
-            alone = run_phase(url, 1, options.requests, options.tokens, options.seconds)
-            together = run_phase(url, options.clients, options.requests, options.tokens, options.seconds)
-            with urllib.request.urlopen(f"{url}/health") as response:
-                health = json.loads(response.read())
+            ask = {"max_tokens": options.tokens} | ({} if options.temperature is None else
+                                                    {"temperature": options.temperature})
+            run_phase(url, 1, 2, ask | {"max_tokens": 8}, options.seconds)  # warm-up
+            alone = run_phase(url, 1, options.requests, ask, options.seconds)
+            before = health(url)
+            together = run_phase(url, options.clients, options.requests, ask, options.seconds)
+            batches = health(url)["batches"] - before["batches"]
         finally:
             server.terminate()
             server.wait(60)
 
     ratio = together.tokens_per_second / alone.tokens_per_second
-    print(f"llmkit serve, {options.model if source == Path(options.model) else 'random quickstart-shaped model'}, "
-          f"max_tokens {options.tokens}, streaming, sampling with the model's defaults")
+    sampling = "the model's sampling defaults" if options.temperature is None else f"temperature {options.temperature}"
+    name = options.model if source == Path(options.model) else "random quickstart-shaped model"
+    print(f"llmkit serve, {name}, max_tokens {options.tokens}, streaming, {sampling}, --batch-wait {options.batch_wait}")
     print("| clients | requests | errors | requests/s | tokens/s | p50 latency s | p99 latency s | p50 first token ms |")
     print("|---|---|---|---|---|---|---|---|")
     print(alone.row())
     print(together.row())
-    print(f"aggregate tokens/s: {ratio:.1f}x one client (goal >= 4x); batches {health['batches']}, largest "
-          f"{health['largest_batch']}, requests in shared batches {health['batched_requests']}/{health['requests']}")
+    print(f"aggregate tokens/s: {ratio:.1f}x one client (goal >= 4x); {options.clients} clients: "
+          f"{len(together.latencies) / batches:.1f} requests a batch on average ({batches} batches)")
     for error in sorted(set(alone.errors + together.errors))[:5]:
         print(f"error: {error}")
 
