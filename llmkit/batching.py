@@ -94,11 +94,11 @@ class Batcher:
     def __init__(self, model, tokenizer, max_queue: int = 64, max_batch: int = 16, gather: float = 0.02) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.max_batch = max_queue, max_batch
-        # Seconds to wait for more requests before a batch smaller than the last one starts. The clients of a
+        # Seconds to wait for more requests before a batch smaller than the demand starts. The clients of a
         # batch that just ended send their next requests a few ms apart: without the wait the first would
         # start alone and the others wait a whole generation behind it. One client alone never waits.
         self.gather = gather
-        self.last_batch = 0
+        self.demand = 0  # requests in flight lately: generating or waiting, at the last submit or take
         self.waiting: deque[Job] = deque()
         self.changed = threading.Condition()
         self.running = False
@@ -128,6 +128,7 @@ class Batcher:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting, the most the queue holds is "
                                 f"{self.max_queue}: try again later")
             self.waiting.extend(jobs)
+            self.demand = max(self.demand, self.busy + len(self.waiting))
             self.changed.notify()
 
     @property
@@ -139,7 +140,6 @@ class Batcher:
             batch = self.take()
             if batch is None:
                 return
-            self.busy = len(batch)
             try:
                 self.generate(batch)
             except Exception as error:  # noqa: BLE001 - a failed batch fails its requests, not the server
@@ -149,7 +149,7 @@ class Batcher:
 
     def take(self) -> list[Job] | None:
         """The oldest waiting job and the waiting jobs that can join it (after `gather` seconds at most for
-        as many as the last batch had); None once stopped."""
+        as many as the demand); None once stopped."""
         with self.changed:
             while self.running:
                 self.drop_given_up()
@@ -157,7 +157,7 @@ class Batcher:
                     self.changed.wait()
                     continue
                 gathered = time.monotonic() + self.gather
-                while self.running and len(self.waiting) < min(self.last_batch, self.max_batch) \
+                while self.running and len(self.waiting) < min(self.demand, self.max_batch) \
                         and time.monotonic() < gathered:
                     self.changed.wait(gathered - time.monotonic())
                 self.drop_given_up()
@@ -166,7 +166,7 @@ class Batcher:
                     batch = [job for job in self.waiting if job.key() == key][:self.max_batch]
                     for job in batch:
                         self.waiting.remove(job)
-                    self.last_batch = len(batch)
+                    self.busy, self.demand = len(batch), len(batch) + len(self.waiting)
                     return batch
             return None
 

@@ -222,7 +222,9 @@ def serve(recipe: Optional[str] = typer.Argument(None, help="Recipe whose \\[gen
           max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait; more are answered 429."),
           max_batch: int = typer.Option(16, "--max-batch", help="Waiting requests generated together, at most."),
           batch_wait: float = typer.Option(0.02, "--batch-wait",
-                                           help="Seconds a batch smaller than the last one waits for more requests."),
+                                           help="Seconds a batch waits for more requests while fewer wait than were in flight lately."),
+          stream_interval: float = typer.Option(0.02, "--stream-interval",
+                                                help="Seconds of text in one streamed chunk (0: a chunk a token)."),
           timeout: float = typer.Option(300, "--timeout", help="Seconds a request may take, queue included (504)."),
           max_body: int = typer.Option(1_000_000, "--max-body", help="Largest request body, bytes (413)."),
           log_requests: bool = typer.Option(False, "--log-requests", help="A line per request on stdout.")):
@@ -234,7 +236,8 @@ def serve(recipe: Optional[str] = typer.Argument(None, help="Recipe whose \\[gen
         from llmkit import serve as task
 
         task.run(settings, host=host, port=port, api_key=api_key, log_requests=log_requests, max_tokens=max_tokens,
-                 max_queue=max_queue, max_batch=max_batch, batch_wait=batch_wait, timeout=timeout, max_body=max_body)
+                 max_queue=max_queue, max_batch=max_batch, batch_wait=batch_wait,
+                 stream_interval=stream_interval, timeout=timeout, max_body=max_body)
 
 
 @app.command(epilog="Examples:\n\n  llmkit push runs/pretrain-zh-tiny your-name/pretrain-zh-tiny\n\n"

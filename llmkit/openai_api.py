@@ -43,7 +43,8 @@ class Limits:
     max_n: int = 8  # continuations per request
     max_queue: int = 64  # requests waiting; one more is answered 429
     max_batch: int = 16  # requests in one generate call
-    batch_wait: float = 0.02  # seconds a batch smaller than the last one waits for more (llmkit.batching)
+    batch_wait: float = 0.02  # seconds a batch smaller than the demand waits for more (llmkit.batching)
+    stream_interval: float = 0.02  # seconds of text in one streamed chunk, after the first (0: a chunk a token)
 
 
 @dataclass
@@ -157,8 +158,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 class Reply:
     """One request's jobs and the OpenAI objects made of their events: `chat` or plain completions."""
 
-    def __init__(self, chat: bool, model: str, prompts: list[tuple[str, int]], n: int) -> None:
+    def __init__(self, chat: bool, model: str, prompts: list[tuple[str, int]], n: int,
+                 stream_interval: float = 0.0) -> None:
         self.chat, self.model, self.n = chat, model, n
+        self.stream_interval, self.streamed = stream_interval, False
         self.prompts = prompts  # (prompt text, its token count)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -222,8 +225,13 @@ class Reply:
 
     async def next_events(self) -> list[tuple[int, object]]:
         """The events waiting (at least one), the text pieces in a row of one choice joined: a client slower
-        than the model gets fewer, longer chunks instead of falling behind."""
+        than the model gets fewer, longer chunks instead of falling behind. After the first text, the pieces
+        of `stream_interval` seconds go together: each chunk costs the server and the client far more than
+        a token does."""
         events = [await self.events.get()]
+        if self.streamed and isinstance(events[0][1], Piece):
+            await asyncio.sleep(self.stream_interval)
+        self.streamed = True
         while not self.events.empty():
             events.append(self.events.get_nowait())
         joined: list[tuple[int, object]] = []
@@ -318,7 +326,7 @@ def build_app(batcher: Batcher, served: ServedModel, limits: Limits, api_key: st
         special = not (chat and getattr(tokenizer, "chat_template", None))
         counted = [(prompt, len(tokenizer(prompt, add_special_tokens=special)["input_ids"])) for prompt in prompts]
         check_length(counted, settings.max_new_tokens, served.positions)
-        reply = Reply(chat, served.name, counted, body.n)
+        reply = Reply(chat, served.name, counted, body.n, limits.stream_interval)
         loop, deadline = asyncio.get_running_loop(), time.monotonic() + limits.timeout
         for number, (prompt, _) in enumerate(counted):
             emit = lambda event, number=number: loop.call_soon_threadsafe(reply.events.put_nowait, (number, event))  # noqa: E731
@@ -410,5 +418,6 @@ def check_limits(limits: Limits) -> None:
             raise LlmkitError(f"{flag} must be at least 1, got {value}")
     if limits.timeout <= 0:
         raise LlmkitError(f"--timeout must be above 0 seconds, got {limits.timeout}")
-    if not 0 <= limits.batch_wait <= 10:
-        raise LlmkitError(f"--batch-wait must be 0 to 10 seconds, got {limits.batch_wait}")
+    for flag, value in (("--batch-wait", limits.batch_wait), ("--stream-interval", limits.stream_interval)):
+        if not 0 <= value <= 10:
+            raise LlmkitError(f"{flag} must be 0 to 10 seconds, got {value}")

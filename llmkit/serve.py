@@ -22,8 +22,8 @@ from llmkit.settings import Recipe
 def run(recipe: Recipe, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         log_requests: bool = False, **limits) -> None:
     """Serve recipe.generate.model (its [generate] settings as every request's defaults) until stopped.
-    `limits`: fields of llmkit.openai_api.Limits (max_tokens, max_queue, max_batch, batch_wait, timeout,
-    max_body, max_n)."""
+    `limits`: fields of llmkit.openai_api.Limits (max_tokens, max_queue, max_batch, batch_wait,
+    stream_interval, timeout, max_body, max_n)."""
     from llmkit.console import console, quiet_libraries
 
     require_serving_libraries()

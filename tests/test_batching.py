@@ -100,14 +100,14 @@ def test_stopping_fails_the_jobs_still_waiting(tiny):
     assert isinstance(made[0][1][-1], Failed) and "shutting down" in str(made[0][1][-1].error)
 
 
-def test_a_batch_smaller_than_the_last_one_waits_for_the_rest(tiny):
+def test_a_batch_smaller_than_the_demand_waits_for_the_rest(tiny):
     model, tokenizer = tiny
     batcher = Batcher(model, tokenizer, gather=5.0)
     batcher.running = True  # take() as the worker calls it
     start = time.monotonic()
     batcher.submit([job for job, _ in jobs_for(["一"])])
     assert len(batcher.take()) == 1 and time.monotonic() - start < 1  # one client alone never waits
-    batcher.last_batch = 3
+    batcher.busy, batcher.demand = 0, 3  # as after a batch of three, its clients about to send again
     batcher.submit([job for job, _ in jobs_for(["二"])])
     threading.Timer(0.1, lambda: batcher.submit([job for job, _ in jobs_for(["三", "四"])])).start()
     assert len(batcher.take()) == 3 and time.monotonic() - start < 4  # not the whole 5 s: the rest came

@@ -119,6 +119,22 @@ def test_chat_chunks_name_the_role_first_and_end_with_done():
     assert data[-1]["choices"] == [] and data[-1]["usage"]["completion_tokens"] == 13
 
 
+def test_after_the_first_text_a_chunk_holds_the_pieces_of_stream_interval():
+    reply = Reply(False, "tiny", [("今天", 3)], n=1, stream_interval=0.5)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        reply.events.put_nowait((0, Piece(0, "a")))
+        first = await reply.next_events()  # at once: the time to the first token is not held back
+        for delay, text in ((0.05, "b"), (0.1, "c")):
+            loop.call_later(delay, reply.events.put_nowait, (0, Piece(0, text)))
+        reply.events.put_nowait((0, Piece(0, "x")))
+        return first, await reply.next_events()
+
+    first, second = asyncio.run(go())
+    assert first == [(0, Piece(0, "a"))] and second == [(0, Piece(0, "xbc"))]
+
+
 def test_a_failed_job_ends_the_stream_with_an_error_and_the_body_with_a_status():
     reply = two_job_reply(chat=False)
     chunks = replay(reply, [(0, Failed(TimedOut("not done before its deadline")))], stream=True)

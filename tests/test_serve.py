@@ -122,7 +122,8 @@ def serving(model_dir: Path, *options: str):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    with serving(model_dir, "--max-tokens", "3000", "--max-body", "20000") as running:
+    # a chunk a token (--stream-interval 0), so that streaming shows as many chunks
+    with serving(model_dir, "--max-tokens", "3000", "--max-body", "20000", "--stream-interval", "0") as running:
         yield running
 
 
