@@ -226,26 +226,36 @@ class Reply:
     async def next_events(self) -> list[tuple[int, object]]:
         """The events waiting (at least one), the text pieces in a row of one choice joined: a client slower
         than the model gets fewer, longer chunks instead of falling behind. After the first text, the pieces
-        of `stream_interval` seconds go together: each chunk costs the server and the client far more than
-        a token does."""
+        of `stream_interval` seconds go together (each chunk costs the server and the client far more than
+        a token does), sent early when a job ends: its client is not kept from its next request."""
         events = [await self.events.get()]
         if self.streamed and isinstance(events[0][1], Piece):
-            await asyncio.sleep(self.stream_interval)
+            deadline = time.monotonic() + self.stream_interval
+            while isinstance(events[-1][1], Piece) and (left := deadline - time.monotonic()) > 0:
+                try:
+                    events.append(await asyncio.wait_for(self.events.get(), left))
+                except asyncio.TimeoutError:
+                    break
         self.streamed = True
         while not self.events.empty():
             events.append(self.events.get_nowait())
-        joined: list[tuple[int, object]] = []
-        for number, event in events:
-            last = joined[-1] if joined else (None, None)
-            if isinstance(event, Piece) and isinstance(last[1], Piece) and (last[0], last[1].choice) == (number, event.choice):
-                joined[-1] = (number, Piece(event.choice, last[1].text + event.text))
-            else:
-                joined.append((number, event))
-        return joined
+        return join_pieces(events)
 
     def cancel(self) -> None:
         for job in self.jobs:
             job.cancelled = True
+
+
+def join_pieces(events: list[tuple[int, object]]) -> list[tuple[int, object]]:
+    """Consecutive text pieces of one job's choice as one."""
+    joined: list[tuple[int, object]] = []
+    for number, event in events:
+        last = joined[-1] if joined else (None, None)
+        if isinstance(event, Piece) and isinstance(last[1], Piece) and (last[0], last[1].choice) == (number, event.choice):
+            joined[-1] = (number, Piece(event.choice, last[1].text + event.text))
+        else:
+            joined.append((number, event))
+    return joined
 
 
 def sse(data: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -133,6 +134,18 @@ def test_after_the_first_text_a_chunk_holds_the_pieces_of_stream_interval():
 
     first, second = asyncio.run(go())
     assert first == [(0, Piece(0, "a"))] and second == [(0, Piece(0, "xbc"))]
+
+    reply = Reply(False, "tiny", [("今天", 3)], n=1, stream_interval=0.5)
+    reply.streamed = True  # past the first text
+
+    async def ending():  # a job that ends sends its pieces at once
+        reply.events.put_nowait((0, Piece(0, "y")))
+        asyncio.get_running_loop().call_later(0.05, reply.events.put_nowait, (0, Finished([])))
+        start = time.monotonic()
+        return await reply.next_events(), time.monotonic() - start
+
+    events, seconds = asyncio.run(ending())
+    assert events == [(0, Piece(0, "y")), (0, Finished([]))] and seconds < 0.4
 
 
 def test_a_failed_job_ends_the_stream_with_an_error_and_the_body_with_a_status():
