@@ -221,7 +221,7 @@ def quantize(recipe: Optional[str] = typer.Argument(None, help="Recipe with a qu
 def export(model: Optional[str] = typer.Argument(None, help="Run, model or adapter folder (default: runs/latest)."),
            output: Optional[Path] = typer.Argument(None, help="Folder to write (default: MODEL/ct2, where "
                                                              "`llmkit generate` finds it)."),
-           format: str = typer.Option("ct2", "--format", help="ct2: CTranslate2 (pip install 'llmkit[fast]')."),
+           format: str = typer.Option("ct2", "--format", help="ct2: CTranslate2 (pip install 'llmkit\\[fast]')."),
            quantization: str = typer.Option("float32", "--quantization", help="float32, int8 or int16 (CPU); "
                                                                               "float16, bfloat16 (GPU)."),
            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an export that llmkit made.")):
