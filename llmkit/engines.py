@@ -25,6 +25,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 from llmkit.errors import LlmkitError, first_line
 from llmkit.loading import load_model, resolve_model
@@ -120,11 +121,6 @@ def load_generator(model: str | None = None, *, engine: str = "auto", threads: i
 # ---------------------------------------------------------------- the CTranslate2 model
 
 
-class Ct2Output:
-    def __init__(self, logits) -> None:
-        self.logits = logits
-
-
 class Ct2Model:
     """A CTranslate2 export in the place of a transformers causal LM, for llmkit.generation."""
 
@@ -134,7 +130,6 @@ class Ct2Model:
         self.generator, self.folder, self.vocabulary = generator, folder, vocabulary
         self.config, self.generation_config = config, generation_config
         self.device = torch.device("cpu")  # where inputs are built; CTranslate2 takes them as lists
-        self.training = False
 
     @classmethod
     def load(cls, folder: Path, device: str = "auto", dtype: str = "auto", threads: int = 0):
@@ -163,9 +158,6 @@ class Ct2Model:
         model = cls(generator, folder, vocabulary, config, GenerationConfig.from_pretrained(folder))
         return model, prepare_tokenizer(load_tokenizer(str(folder)))
 
-    def eval(self):
-        return self
-
     def __call__(self, input_ids, **unsupported):
         """Logits of whole sequences, as `model(input_ids=...)` (no padding, no cache): what perplexity needs."""
         import numpy
@@ -174,7 +166,7 @@ class Ct2Model:
         if unsupported:
             raise LlmkitError(f"the ct2 engine computes logits of unpadded input_ids only, not {sorted(unsupported)}")
         logits = self.generator.forward_batch(input_ids.tolist())
-        return Ct2Output(torch.as_tensor(numpy.asarray(logits)))
+        return SimpleNamespace(logits=torch.as_tensor(numpy.asarray(logits)))
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 20, min_new_tokens: int = 0,
                  do_sample: bool = False, num_beams: int = 1, num_return_sequences: int = 1,

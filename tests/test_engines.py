@@ -140,6 +140,11 @@ def test_auto_picks_the_export_when_it_matches_the_weights(model_dir, tmp_path):
         engines.load_generator(str(model_dir / engines.EXPORT_DIR), engine="hf")
     with pytest.raises(LlmkitError, match="--engine must be one of auto, hf, ct2"):
         engines.load_generator(str(model_dir), engine="fast")
+    with pytest.raises(LlmkitError, match="--device mps: the ct2 engine runs on cpu or cuda"):
+        engines.load_generator(str(model_dir), device="mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(LlmkitError, match=r"cannot load the CTranslate2 export .* --dtype float16"):
+            engines.load_generator(str(model_dir), device="cpu", dtype="float16")
     bare = tmp_path / "bare"
     shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns(engines.EXPORT_DIR))
     assert not isinstance(engines.load_generator(str(bare))[0], engines.Ct2Model)
