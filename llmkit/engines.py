@@ -190,16 +190,26 @@ class Ct2Model:
         watch = Watcher(prompts, offsets, new, max_new_tokens, stopping_criteria, streamer)
         if streamer is not None:
             streamer.put(input_ids[:1].cpu())
-        options = dict(max_length=max_new_tokens + max(offsets), min_length=min_new_tokens + max(offsets),
-                       include_prompt_in_result=penalty != 1.0, return_end_token=True, end_token=ends or None,
+        options = dict(include_prompt_in_result=penalty != 1.0, return_end_token=True, end_token=ends or None,
                        repetition_penalty=penalty, beam_size=num_beams,
                        num_hypotheses=num_return_sequences if num_beams > 1 else 1)
         if do_sample:
             options.update(sampling_topk=top_k or 0, sampling_topp=top_p or 1.0, sampling_temperature=temperature or 1.0)
         if watch.needed and num_beams == 1:
             options["callback"] = watch
-        tokens = [[self.vocabulary[token] for token in prompt] for prompt in prompts]
-        results = self.generator.generate_batch(tokens, **options)
+        # The lengths count the prompt decoded again; beam search takes no callback to end a row at its own
+        # max_new_tokens, so then each prompt length gets a call of its own.
+        groups = [range(len(prompts))]
+        if num_beams > 1 and len(set(offsets)) > 1:
+            groups = [[i for i, offset in enumerate(offsets) if offset == length] for length in sorted(set(offsets))]
+        results: list = [None] * len(prompts)
+        for group in groups:
+            longest = max(offsets[i] for i in group)
+            found = self.generator.generate_batch([[self.vocabulary[token] for token in prompts[i]] for i in group],
+                                                  max_length=max_new_tokens + longest,
+                                                  min_length=min_new_tokens + longest, **options)
+            for i, result in zip(group, found):
+                results[i] = result
         if streamer is not None:
             streamer.end()
         rows = []

@@ -85,9 +85,11 @@ def test_sampling_and_beams(both):
     assert len(set(texts)) == len(texts)
     several = generate_text(ct2, tokenizer, "今天", replace(SAMPLE, num_return_sequences=3), seed=0)
     assert len(set(several.texts)) == 3 and several.new_tokens == 3 * SAMPLE.max_new_tokens
-    beams = generate_batch(ct2, tokenizer, ["今天", "我们"], replace(GREEDY, max_new_tokens=8, num_beams=4,
-                                                                       num_return_sequences=2))
-    assert [len(set(texts)) for texts in beams] == [2, 2]
+    for penalty in (1.0, 1.3):  # 1.3: prompts of unequal length decoded again, one call per length
+        settings = replace(GREEDY, max_new_tokens=8, num_beams=4, num_return_sequences=2, repetition_penalty=penalty)
+        beams = generate_batch(ct2, tokenizer, PROMPTS, settings)
+        assert [len(set(texts)) for texts in beams] == [2] * len(PROMPTS)
+        assert beams == [generate_text(ct2, tokenizer, prompt, settings).texts for prompt in PROMPTS]
 
 
 def test_chat_session_runs_on_the_engine(both):
