@@ -12,7 +12,8 @@ import llmkit
 
 PACKAGE = Path(llmkit.__file__).parent
 TESTS = Path(__file__).parent
-COMMANDS = {"llmkit.pretrain", "llmkit.finetune", "llmkit.quantize", "llmkit.generate", "llmkit.evaluate"}
+COMMANDS = {"llmkit.pretrain", "llmkit.finetune", "llmkit.quantize", "llmkit.generate", "llmkit.evaluate",
+            "llmkit.export"}
 ENTRY_POINTS = {"llmkit.cli", "llmkit.__main__"}
 
 
