@@ -34,6 +34,9 @@ ResumeOpt = typer.Option(False, "--resume", help="Continue the run from its newe
 ForceOpt = typer.Option(False, "--force", help="With --resume: accept a recipe that differs from the run's.")
 SetOpt = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                       help="Override a recipe key, e.g. --set train.learning_rate=3e-4 (repeatable).")
+EngineOpt = typer.Option(None, "--engine", help="hf (transformers), ct2 (the model's CTranslate2 export, "
+                                                "see `llmkit export`) or auto (the export when there is one).")
+ThreadsOpt = typer.Option(None, "--threads", help="Intra-op CPU threads of the engine (default: the library's).")
 
 
 def table_options(table: str, options: dict) -> dict:
@@ -128,6 +131,8 @@ def generate(
                                                       help="Write a heatmap of attention over the text (PNG)."),
         attention_layer: Optional[int] = typer.Option(None, "--attention-layer", help="Plot only this layer."),
         attention_head: Optional[int] = typer.Option(None, "--attention-head", help="Plot this head, not the mean."),
+        engine: Optional[str] = EngineOpt,
+        threads: Optional[int] = ThreadsOpt,
 ):
     """Write text with a trained model, streaming it as it is made."""
     with reporting_errors():
@@ -136,7 +141,8 @@ def generate(
         options = {"model": model, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
                    "top_p": top_p, "repetition_penalty": repetition_penalty,
                    "num_return_sequences": num_return_sequences, "greedy": greedy or None, "num_beams": num_beams,
-                   "stop": stop or None, "device": device, "dtype": dtype, "batch_size": batch_size}
+                   "stop": stop or None, "device": device, "dtype": dtype, "batch_size": batch_size,
+                   "engine": engine, "threads": threads}
         settings = load_recipe(recipe, sets, options=table_options("generate", options))
         from llmkit import generate as task
 
@@ -150,12 +156,15 @@ def generate(
 def eval_command(recipe: str = RecipeArg, sets: List[str] = SetOpt,
                  models: List[str] = typer.Option([], "--model", "-m",
                                                   help="Model to score instead of the recipe's (repeatable)."),
-                 limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N examples.")):
+                 limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N examples."),
+                 engine: Optional[str] = typer.Option(None, "--engine", help="For perplexity and generation tasks: "
+                                                      "hf, ct2 or auto, as in `llmkit generate`; other tasks use hf."),
+                 threads: Optional[int] = ThreadsOpt):
     """Score models on tasks side by side: perplexity, accuracy/F1, entity F1, EM, BLEU."""
     with reporting_errors():
         from llmkit.recipe import load_recipe
 
-        settings = load_recipe(recipe, sets)
+        settings = load_recipe(recipe, sets, options=table_options("eval", {"engine": engine, "threads": threads}))
         if limit is not None and limit < 1:
             raise LlmkitError(f"--limit must be at least 1, got {limit}")
         from llmkit import evaluate as task
@@ -238,6 +247,23 @@ def serve(recipe: Optional[str] = typer.Argument(None, help="Recipe whose \\[gen
         task.run(settings, host=host, port=port, api_key=api_key, log_requests=log_requests, max_tokens=max_tokens,
                  max_queue=max_queue, max_batch=max_batch, batch_wait=batch_wait,
                  stream_interval=stream_interval, timeout=timeout, max_body=max_body)
+
+
+@app.command(epilog="Examples:\n\n  llmkit export --format ct2 runs/pretrain-zh-tiny\n\n"
+                    "  llmkit export --format ct2 runs/pretrain-zh-tiny runs/tiny-ct2-int8 --quantization int8")
+def export(model: Optional[str] = typer.Argument(None, help="Run, model or adapter folder (default: runs/latest)."),
+           output: Optional[Path] = typer.Argument(None, help="Folder to write (default: MODEL/ct2, where "
+                                                             "`llmkit generate` finds it)."),
+           format: str = typer.Option("ct2", "--format", help="ct2: CTranslate2 (pip install 'llmkit\\[fast]')."),
+           quantization: str = typer.Option("float32", "--quantization", help="float32, int8 or int16 (CPU); "
+                                                                              "float16, bfloat16 (GPU)."),
+           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an export that llmkit made.")):
+    """Convert a causal language model for a fast engine; `llmkit generate --engine ct2` runs it."""
+    with reporting_errors():
+        from llmkit import export as task
+
+        target = task.run(model, output, format=format, quantization=quantization, overwrite=overwrite)
+        typer.echo(f"exported to {target} ({format}, {quantization})")
 
 
 @app.command(epilog="Examples:\n\n  llmkit push runs/pretrain-zh-tiny your-name/pretrain-zh-tiny\n\n"

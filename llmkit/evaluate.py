@@ -24,6 +24,7 @@ from llmkit.settings import Recipe
 from llmkit.task_data import score, table_cells, task_name, task_rows
 
 RESULTS_MARK = "llmkit eval"  # "made_by" of the results file: the only file eval.output may replace
+ENGINE_KINDS = ("perplexity", "generation")  # scored by eval.engine (llmkit.engines); the others by transformers
 EVALUATIONS_FILE = "evaluations.jsonl"  # in a run folder: every `llmkit eval` of that run, one row per task
 
 
@@ -37,6 +38,7 @@ class EvalResult:
 
 def run(recipe: Recipe, models: list[str] | None = None, limit: int | None = None) -> list[EvalResult]:
     from llmkit.console import console, quiet_libraries, stdout
+    from llmkit.engines import Ct2Model, load_generator
     from llmkit.loading import load_model, resolve_model
 
     quiet_libraries()
@@ -55,13 +57,18 @@ def run(recipe: Recipe, models: list[str] | None = None, limit: int | None = Non
         for name in (name for model, name in pairs if model == source):
             task, rows = data[name]
             head = tasks.TASKS[task.kind].head
-            if head not in loaded:
-                loaded[head] = load_model(source, device=settings.device, head=head)
-            model, tokenizer = loaded[head]
+            key = (head, task.kind in ENGINE_KINDS)
+            if key not in loaded:
+                loaded[key] = (load_generator(source, engine=settings.engine, threads=settings.threads,
+                                              device=settings.device) if key[1]
+                               else load_model(source, device=settings.device, head=head))
+            model, tokenizer = loaded[key]
             with console.status(f"{Path(source).name}: {name} ({len(rows):,} examples)"):
                 start = time.perf_counter()
                 metrics = score(model, tokenizer, task, rows, settings.batch_size)
             metrics["seconds"] = round(time.perf_counter() - start, 2)
+            if key[1]:
+                metrics["engine"] = "ct2" if isinstance(model, Ct2Model) else "hf"
             results.append(EvalResult(source, name, task.kind, metrics))
     report(results, settings.output, stdout)
     return results

@@ -19,7 +19,7 @@ from typing import Callable
 
 from llmkit.errors import LlmkitError
 from llmkit.generation import ChatSession, check_prompt, encoder_decoder, generate_batch, generate_text
-from llmkit.loading import load_model
+from llmkit.engines import Ct2Model, load_generator
 from llmkit.report import plot_generation_attention
 from llmkit.rundir import jsonl_values, read_text, write_text
 from llmkit.settings import GenerateSettings, Recipe
@@ -51,8 +51,14 @@ def run(recipe: Recipe, *, seed: int | None = None, prompt: str | None = None, i
     if input_path is not None:  # read and check the prompts before the model loads
         check_output_path(output_path)
         rows = read_prompts(input_path, settings.prompt_field)
-    model, tokenizer = load_model(settings.model or None, output_dir=output_dir, device=settings.device,
-                                  dtype=settings.dtype)
+    # the attention plot reads the weights of a transformers model: auto picks it then
+    engine = "hf" if attention is not None and settings.engine == "auto" else settings.engine
+    model, tokenizer = load_generator(settings.model or None, engine=engine, threads=settings.threads,
+                                      output_dir=output_dir, device=settings.device, dtype=settings.dtype)
+    if isinstance(model, Ct2Model):
+        if attention is not None:
+            raise LlmkitError("--attention-plot needs the transformers model: --engine hf (or auto)")
+        console.print(f"engine: ct2 ({model.folder})", markup=False)
     if chat:
         chat_loop(ChatSession(model, tokenizer, settings, seed=seed))
     elif rows is not None:

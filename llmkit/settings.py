@@ -193,12 +193,14 @@ class GenerateSettings:
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # auto: cuda, then mps, then cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPUs, bf16/fp16 on GPUs (llmkit.devices)
     batch_size: int = 8  # prompts per batch with --input
+    engine: Literal["auto", "hf", "ct2"] = "auto"  # hf: transformers; ct2: the model's CTranslate2 export (llmkit export); auto: the export when there is one
+    threads: int = 0  # intra-op CPU threads of the engine; 0 = the library's default
     prompt_field: str = "prompt"  # field holding the prompt in a .jsonl --input
     output_field: str = "generated"  # field added to each row of the --output
 
     RANGES = {"max_new_tokens": COUNT, "temperature": NON_NEGATIVE, "top_k": COUNT_OR_ZERO,
               "top_p": Range(0, 1, open_low=True), "repetition_penalty": POSITIVE, "num_beams": COUNT,
-              "num_return_sequences": COUNT, "batch_size": COUNT}
+              "num_return_sequences": COUNT, "batch_size": COUNT, "threads": COUNT_OR_ZERO}
 
     def check(self) -> None:
         check_ranges(self, "generate")
@@ -296,8 +298,10 @@ class EvalSettings:
     batch_size: int = 16  # examples per forward pass
     output: str = "eval.json"  # results as JSON (the table is printed)
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # auto: cuda, then mps, then cpu
+    engine: Literal["auto", "hf", "ct2"] = "auto"  # causal LMs (perplexity, generation): as generate.engine; other tasks use hf
+    threads: int = 0  # intra-op CPU threads of the engine; 0 = the library's default
 
-    RANGES = {"limit": COUNT_OR_ZERO, "batch_size": COUNT}
+    RANGES = {"limit": COUNT_OR_ZERO, "batch_size": COUNT, "threads": COUNT_OR_ZERO}
 
     def check(self) -> None:
         check_ranges(self, "eval")

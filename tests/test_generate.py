@@ -452,13 +452,13 @@ def test_dtype_loads_the_parameters_in_it(tiny_dir, dtype, expected):
 
 def test_cli_dtype_reaches_the_model(tiny_dir, monkeypatch):
     loaded = []
-    real_load = generate.load_model
+    real_load = generate.load_generator
 
     def load_and_keep(*args, **kwargs):
         loaded.append(real_load(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(generate, "load_model", load_and_keep)
+    monkeypatch.setattr(generate, "load_generator", load_and_keep)
     for dtype in ("bfloat16", "float32"):
         result = runner.invoke(app, ["generate", "--model", str(tiny_dir), "--prompt", "今天", "--greedy",
                                      "--max-new-tokens", "4", "--dtype", dtype])

@@ -124,6 +124,18 @@ def test_every_task_reads_one_encoder_stored_once_even_when_the_first_task_has_n
     assert model(task="entities", **inputs).logits.shape == (1, 4, 2)
 
 
+def test_decoders_share_too_whatever_their_classes_call_the_backbone():
+    # LlamaForSequenceClassification keeps its backbone as .model, LlamaForQuestionAnswering as .transformer
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, pad_token_id=0)
+    model = SharedEncoderModel({"sentiment": transformers.LlamaForSequenceClassification(config),
+                                "qa": transformers.LlamaForQuestionAnswering(config)})
+    assert model.task_models["qa"].transformer is model.task_models["sentiment"].model is model.encoder
+    inputs = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    assert model(task="qa", start_positions=torch.tensor([1]), end_positions=torch.tensor([2]), **inputs).loss > 0
+    assert sorted(model.heads["qa"]) == ["qa_outputs"] and sorted(model.heads["sentiment"]) == ["score"]
+
+
 def test_a_step_on_one_task_moves_the_encoder_that_the_other_task_reads():
     model = SharedEncoderModel(task_models(["sentiment", "entities"]))
     inputs = {"input_ids": torch.tensor([[2, 5, 6, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
