@@ -230,6 +230,11 @@ class RowStreamer:
             if streamer is not None:
                 streamer.put(token)
 
+    def put_row(self, row: int, token) -> None:
+        """One row's token (the ct2 engine gives them so, llmkit.engines.Watcher)."""
+        if self.streamers[row] is not None:
+            self.streamers[row].put(token)
+
     def end(self) -> None:
         for streamer in self.streamers:
             if streamer is not None:
@@ -237,12 +242,14 @@ class RowStreamer:
 
 
 def give_up_criterion(rows: list[Job]):
-    """Ends the rows of jobs given up (cancelled, or past their deadline); the others go on."""
+    """Ends the rows of jobs given up (cancelled, or past their deadline); the others go on. Called with
+    the whole batch (transformers), or one row named by `row` (the ct2 engine)."""
     import torch
     from transformers import StoppingCriteria
 
     class GiveUp(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.tensor([job.given_up() for job in rows], device=input_ids.device)
+        def __call__(self, input_ids, scores, row: int | None = None, **kwargs):
+            asked = rows if row is None else [rows[row]]
+            return torch.tensor([job.given_up() for job in asked], device=input_ids.device)
 
     return GiveUp()

@@ -236,12 +236,15 @@ def serve(recipe: Optional[str] = typer.Argument(None, help="Recipe whose \\[gen
                                                 help="Seconds of text in one streamed chunk (0: a chunk a token)."),
           timeout: float = typer.Option(300, "--timeout", help="Seconds a request may take, queue included (504)."),
           max_body: int = typer.Option(1_000_000, "--max-body", help="Largest request body, bytes (413)."),
-          log_requests: bool = typer.Option(False, "--log-requests", help="A line per request on stdout.")):
+          log_requests: bool = typer.Option(False, "--log-requests", help="A line per request on stdout."),
+          engine: Optional[str] = EngineOpt,
+          threads: Optional[int] = ThreadsOpt):
     """Serve a model over the OpenAI API (completions, chat, streaming), with a chat page at /."""
     with reporting_errors():
         from llmkit.recipe import load_recipe
 
-        settings = load_recipe(recipe, sets, options=table_options("generate", {"model": model}))
+        options = {"model": model, "engine": engine, "threads": threads}
+        settings = load_recipe(recipe, sets, options=table_options("generate", options))
         from llmkit import serve as task
 
         task.run(settings, host=host, port=port, api_key=api_key, log_requests=log_requests, max_tokens=max_tokens,

@@ -243,13 +243,16 @@ class Watcher:
         if self.seen[row] <= self.offsets[row]:  # the prompt, decoded again
             return False
         self.new[row].append(step.token_id)
-        if self.streamer is not None:
-            self.streamer.put(torch.tensor([step.token_id]))
+        if self.streamer is not None:  # rows come one token at a time: a streamer of a batch is told which
+            if hasattr(self.streamer, "put_row"):
+                self.streamer.put_row(row, torch.tensor([step.token_id]))
+            else:
+                self.streamer.put(torch.tensor([step.token_id]))
         if len(self.new[row]) >= self.max_new_tokens:
             return True
-        if self.criteria[row]:
+        if self.criteria[row]:  # row=: the criteria of a batch that ends rows of their own (the server's)
             ids = torch.tensor([self.prompts[row] + self.new[row]])
-            return any(bool(criterion(ids, None).any()) for criterion in self.criteria[row])
+            return any(bool(criterion(ids, None, row=row).any()) for criterion in self.criteria[row])
         return False
 
 

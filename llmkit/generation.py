@@ -131,6 +131,16 @@ class FirstTokenClock:
         if self.inner is not None:
             self.inner.put(value)
 
+    def put_row(self, row: int, value) -> None:
+        """One row's token, from an engine that gives a batch's rows one at a time (llmkit.engines), for an
+        inner streamer that takes them so (llmkit.batching.RowStreamer)."""
+        if not hasattr(self.inner, "put_row"):
+            self.put(value)
+            return
+        if self.first is None:
+            self.first = time.perf_counter() - self.start
+        self.inner.put_row(row, value)
+
     def end(self) -> None:
         if self.inner is not None:
             self.inner.end()

@@ -36,12 +36,16 @@ def run(recipe: Recipe, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
     import uvicorn
 
     from llmkit.batching import Batcher
-    from llmkit.loading import load_model, model_positions, resolve_model
+    from llmkit.engines import Ct2Model, load_generator
+    from llmkit.loading import model_positions, resolve_model
     from llmkit.openai_api import ServedModel, build_app
 
     settings = recipe.generate
     source = resolve_model(settings.model or None, recipe.run.output_dir)
-    model, tokenizer = load_model(source, device=settings.device, dtype=settings.dtype)
+    model, tokenizer = load_generator(source, engine=settings.engine, threads=settings.threads,
+                                      device=settings.device, dtype=settings.dtype)
+    if isinstance(model, Ct2Model):
+        console.print(f"engine: ct2 ({model.folder})", markup=False)
     served = ServedModel(Path(source).name, settings, model_positions(model.config))
     batcher = Batcher(model, tokenizer, max_queue=limits.max_queue, max_batch=limits.max_batch,
                       gather=limits.batch_wait)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,16 +109,16 @@ def get(url: str, data: bytes | None = None, headers: dict | None = None) -> tup
 
 
 @contextlib.contextmanager
-def serving(model_dir: Path, *options: str):
+def serving(model_dir: Path, *options: str, notes: tuple[str, ...] = ()):
     server = Server(model_dir, *options)
     try:
         yield server
     finally:
         status, _, err = server.stop()
         assert status == 0, err
-        # stderr holds llmkit's own lines only: no uvicorn notices, no access log
+        # stderr holds llmkit's own lines only (notes: what it says before serving): no uvicorn notices, no access log
         assert [line for line in err.splitlines() if line.strip()] == [
-            f"{SERVER_LINE}{server.port} (OpenAI API under /v1, chat page at /); Ctrl-C stops", "server stopped"]
+            *notes, f"{SERVER_LINE}{server.port} (OpenAI API under /v1, chat page at /); Ctrl-C stops", "server stopped"]
 
 
 @pytest.fixture(scope="module")
@@ -235,25 +236,45 @@ def test_bad_requests_get_openais_error_shape(server):
     assert get(f"{server.url}/v1/nowhere")[1]["error"]["type"] == "not_found_error"
 
 
-def test_waiting_requests_are_generated_in_one_batch(server, local):
+def check_waiting_requests_go_in_one_batch(server, local, stream: bool = False) -> None:
+    """Four requests wait behind a long one; it is given up, and they are generated together, each with
+    the greedy text it has alone (the same length: no padding)."""
     model, tokenizer = local
     client = server.client()
-    prompts = ["今天", "明天", "昨天", "我们"]  # the same length: no padding, so greedy text is exactly the single one
+    prompts = ["今天", "明天", "昨天", "我们"]
     before = server.health()
-    stream = long_stream(client)
+    long = long_stream(client)
     results: dict[str, str] = {}
-    threads = [threading.Thread(target=lambda p=p: results.__setitem__(p, client.completions.create(
-        model="model", prompt=p, max_tokens=8, temperature=0).choices[0].text)) for p in prompts]
+
+    def ask(prompt: str) -> None:
+        answer = client.completions.create(model="model", prompt=prompt, max_tokens=8, temperature=0, stream=stream)
+        results[prompt] = "".join(chunk.choices[0].text for chunk in answer) if stream else answer.choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(prompt,)) for prompt in prompts]
     for thread in threads:
         thread.start()
     wait_for(lambda: server.health()["queued"] == 4)
-    stream.close()  # the client leaves: its request stops at the next token and the four go together
+    long.close()  # the client leaves: its request stops at the next token and the four go together
     for thread in threads:
         thread.join(60)
     after = server.health()
     assert after["largest_batch"] == 4 and after["batched_requests"] - before["batched_requests"] == 4
     assert after["batches"] - before["batches"] == 2
     assert results == {prompt: generate_text(model, tokenizer, prompt, GREEDY).text for prompt in prompts}
+
+
+def test_waiting_requests_are_generated_in_one_batch(server, local):
+    check_waiting_requests_go_in_one_batch(server, local)
+
+
+def test_the_ct2_engine_serves_batches_with_the_same_greedy_text(model_dir, local, tmp_path):
+    pytest.importorskip("ctranslate2", reason="the ct2 engine's wheel is not installed (pip install 'llmkit[fast]')")
+    from llmkit.engines import export_ct2
+
+    copy = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    export_ct2(str(copy), copy / "ct2")
+    with serving(copy, "--engine", "ct2", "--stream-interval", "0", notes=(f"engine: ct2 ({copy / 'ct2'})",)) as server:
+        check_waiting_requests_go_in_one_batch(server, local, stream=True)
 
 
 def test_a_full_queue_answers_429_and_a_key_is_required(model_dir):
