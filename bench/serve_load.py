@@ -5,6 +5,7 @@ tokens/s relative to the single client (what batching the waiting requests buys)
 Goal: no errors, and 16 clients x 10 requests at >= 4x the tokens/s of one client.
 
     python bench/serve_load.py [--model runs/pretrain-zh-tiny] [--clients 16] [--requests 10] [--tokens 64]
+                               [--engine hf|ct2] [--temperature 0]
 
 Without a trained model, a random one of the quickstart architecture is built (speed needs no weights).
 Each phase is bounded: --requests per client, and no new request after --seconds.
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import openai
 
-from generate_speed import quickstart_shaped_model  # bench/ is on the path when this file runs
+from generate_speed import random_model  # bench/ is on the path when this file runs
 
 PROMPTS = ["昨天天气很", "中国人民", "今天", "我们的", "经济发展", "北京"]
 
@@ -96,12 +97,13 @@ def run_phase(url: str, clients: int, requests: int, ask: dict, seconds: float) 
     return phase
 
 
-def start_server(model: Path, clients: int, batch_wait: float) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, clients: int, batch_wait: float, engine: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", "--model", str(model), "--port", str(port),
-                               "--max-queue", str(4 * clients), "--max-batch", str(clients), "--batch-wait", str(batch_wait)],
+                               "--max-queue", str(4 * clients), "--max-batch", str(clients), "--batch-wait", str(batch_wait),
+                               "--engine", engine],
                               stderr=subprocess.DEVNULL, env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -128,6 +130,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of each request")
     parser.add_argument("--seconds", type=float, default=300, help="no new request after this, per phase")
     parser.add_argument("--batch-wait", type=float, default=0.02, help="llmkit serve --batch-wait")
+    parser.add_argument("--engine", choices=["hf", "ct2"], default="hf",
+                        help="ct2: the model's CTranslate2 export (made first when missing)")
     parser.add_argument("--temperature", type=float, help="0 = greedy (default: sampling, the model's defaults)")
     options = parser.parse_args()
 
@@ -135,8 +139,12 @@ def main() -> None:
         source = Path(options.model)
         if not (source / "config.json").exists():
             print(f"{source} has no model: using a random model of the quickstart architecture", file=sys.stderr)
-            source = quickstart_shaped_model(Path(scratch) / "model")
-        server, url = start_server(source, options.clients, options.batch_wait)
+            source = random_model(Path(scratch) / "model", [])
+        if options.engine == "ct2" and not (source / "ct2").is_dir():
+            from llmkit.engines import export_ct2
+
+            export_ct2(str(source), source / "ct2")  # where --engine ct2 finds it
+        server, url = start_server(source, options.clients, options.batch_wait, options.engine)
         try:
             ask = {"max_tokens": options.tokens} | ({} if options.temperature is None else
                                                     {"temperature": options.temperature})
@@ -152,7 +160,8 @@ def main() -> None:
     ratio = together.tokens_per_second / alone.tokens_per_second
     sampling = "the model's sampling defaults" if options.temperature is None else f"temperature {options.temperature}"
     name = options.model if source == Path(options.model) else "random quickstart-shaped model"
-    print(f"llmkit serve, {name}, max_tokens {options.tokens}, streaming, {sampling}, --batch-wait {options.batch_wait}")
+    print(f"llmkit serve --engine {options.engine}, {name}, max_tokens {options.tokens}, streaming, {sampling}, "
+          f"--batch-wait {options.batch_wait}")
     print("| clients | requests | errors | requests/s | tokens/s | p50 latency s | p99 latency s | p50 first token ms |")
     print("|---|---|---|---|---|---|---|---|")
     print(alone.row())

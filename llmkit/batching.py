@@ -14,6 +14,7 @@ with one Finished (the continuations, their token counts and why each ended) or 
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
@@ -104,6 +105,10 @@ class Batcher:
         self.running = False
         self.busy = 0  # jobs in the current generate call
         self.stats = BatchStats()
+        # The server counts prompts' tokens in its own thread, with a tokenizer of its own: a fast tokenizer
+        # keeps its padding setting in its Rust half, so a batch padded here while another thread encodes
+        # with the same one comes out unpadded, or either call fails ("Already borrowed").
+        self.counting = copy.deepcopy(tokenizer)
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -130,6 +135,10 @@ class Batcher:
             self.waiting.extend(jobs)
             self.demand = max(self.demand, self.busy + len(self.waiting))
             self.changed.notify()
+
+    def count_tokens(self, text: str, add_special_tokens: bool = True) -> int:
+        """The tokens of a prompt, from one thread other than the worker's (the server's)."""
+        return len(self.counting(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     @property
     def queued(self) -> int:

@@ -278,7 +278,7 @@ def failure(error: Exception) -> tuple[int, dict]:
 def build_app(batcher: Batcher, served: ServedModel, limits: Limits, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="llmkit", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lambda app: lifespan(batcher))
-    tokenizer = batcher.tokenizer
+    tokenizer = batcher.counting  # the server thread's own (llmkit.batching.Batcher.counting)
     defaults = with_model_defaults(served.settings, batcher.model)
 
     @app.middleware("http")
@@ -334,7 +334,7 @@ def build_app(batcher: Batcher, served: ServedModel, limits: Limits, api_key: st
     async def answer(body: Sampling, prompts: list[str], chat: bool):
         settings = settings_for(body, served, limits)
         special = not (chat and getattr(tokenizer, "chat_template", None))
-        counted = [(prompt, len(tokenizer(prompt, add_special_tokens=special)["input_ids"])) for prompt in prompts]
+        counted = [(prompt, batcher.count_tokens(prompt, special)) for prompt in prompts]
         check_length(counted, settings.max_new_tokens, served.positions)
         reply = Reply(chat, served.name, counted, body.n, limits.stream_interval)
         loop, deadline = asyncio.get_running_loop(), time.monotonic() + limits.timeout

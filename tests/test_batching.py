@@ -3,6 +3,7 @@ text (the text it would get alone), streamed pieces add up to it, and jobs given
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -111,3 +112,33 @@ def test_a_batch_smaller_than_the_demand_waits_for_the_rest(tiny):
     batcher.submit([job for job, _ in jobs_for(["二"])])
     threading.Timer(0.1, lambda: batcher.submit([job for job, _ in jobs_for(["三", "四"])])).start()
     assert len(batcher.take()) == 3 and time.monotonic() - start < 4  # not the whole 5 s: the rest came
+
+
+def test_counting_tokens_beside_a_batch_being_padded_is_safe(tiny):
+    # the server counts a prompt's tokens in its own thread while the worker pads a batch
+    model, tokenizer = tiny
+    batcher, stop = Batcher(model, tokenizer), threading.Event()
+
+    expected, failures = len(tokenizer("今天天气很好")["input_ids"]), []
+
+    def count() -> None:
+        while not stop.is_set():
+            try:
+                assert batcher.count_tokens("今天天气很好") == expected
+            except Exception as error:  # noqa: BLE001 - a failure in this thread is the test's
+                failures.append(error)
+
+    counter = threading.Thread(target=count)
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often: without the lock this fails within a few batches
+    counter.start()
+    try:
+        for _ in range(30):
+            made = jobs_for(["今", "昨天天气很好啊"], replace(GREEDY, max_new_tokens=1))
+            batcher.generate([job for job, _ in made])
+            assert all(isinstance(events[-1], Finished) for _, events in made)
+        assert not failures
+    finally:
+        stop.set()
+        counter.join()
+        sys.setswitchinterval(switching)
