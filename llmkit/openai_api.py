@@ -299,6 +299,10 @@ def build_app(batcher: Batcher, served: ServedModel, limits: Limits, api_key: st
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         return error_response(error.status_code, str(error.detail), kind)
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):  # a bug: answered in OpenAI's shape, logged by uvicorn
+        return error_response(500, f"internal error: {type(error).__name__}: {error}", "server_error")
+
     @app.get("/health")
     async def health():
         stats = batcher.stats

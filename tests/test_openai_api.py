@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 
 from llmkit.batching import Choice, Failed, Finished, Job, Piece, TimedOut  # noqa: E402
 from llmkit.openai_api import (ApiError, ChatRequest, CompletionRequest, Limits, Reply, ServedModel,  # noqa: E402
-                               check_length, check_limits, settings_for, shown_settings)
+                               build_app, check_length, check_limits, settings_for, shown_settings)
 
 SERVED = ServedModel("tiny", GenerateSettings(max_new_tokens=40, top_k=10), positions=128)
 
@@ -161,3 +161,30 @@ def test_the_settings_shown_are_the_ones_used():
                                             repetition_penalty=1.0, greedy=True))
     assert shown == {"max_tokens": 9, "temperature": 0.0, "top_p": 0.8, "top_k": 5, "repetition_penalty": 1.0,
                      "stop": []}
+
+
+class BrokenBatcher:
+    """Takes no request: its submit fails as a bug would."""
+
+    model = counting = None
+
+    def count_tokens(self, text: str, add_special_tokens: bool = True) -> int:
+        return 1
+
+    def submit(self, jobs) -> None:
+        raise RuntimeError("boom")
+
+
+def test_a_bug_is_answered_500_in_openais_shape():
+    httpx = pytest.importorskip("httpx2")  # the openai client's HTTP library
+    app = build_app(BrokenBatcher(), SERVED, Limits())
+
+    async def post():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/completions", json={"model": "tiny", "prompt": "今天"})
+
+    response = asyncio.run(post())
+    assert response.status_code == 500
+    assert response.json() == {"error": {"message": "internal error: RuntimeError: boom", "type": "server_error",
+                                         "param": None, "code": None}}
