@@ -325,7 +325,7 @@ def build_app(batcher: Batcher, served: ServedModel, limits: Limits, api_key: st
         body = await read_request(request, CompletionRequest, limits)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         for number, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt.strip():
+            if not prompt.strip():
                 raise ApiError(400, f"prompt{'' if len(prompts) == 1 else f'[{number}]'}: empty prompt", param="prompt")
         return await answer(body, prompts, chat=False)
 
