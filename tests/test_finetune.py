@@ -718,15 +718,19 @@ def test_bf16_training_scores_the_test_split_with_the_model_as_saved(base, data,
     assert scored.dtype == torch.float32 and torch.allclose(scored, saved, atol=1e-5)
 
 
-def test_a_masked_lm_pretrained_first_is_the_classifiers_starting_encoder(data, tmp_path, tiny):
-    """The recipe chain pretrain-zh-mlm -> classify: fine-tuning starts from the pretrained encoder (every
-    encoder weight as saved by the masked-LM run), not from a fresh one."""
+@pytest.mark.parametrize("pretraining, overrides", [
+    ("pretrain-sentiment", []),  # domain-adaptive: a Llama on the training reviews' texts (README: Fine-tuning)
+    ("pretrain-zh-mlm", ["model.arch=bert", "train.objective=mlm"]),  # a masked LM's encoder
+])
+def test_a_model_pretrained_first_is_the_classifiers_starting_encoder(data, tmp_path, tiny, pretraining, overrides):
+    """The recipe chain PRETRAINING -> classify (model.path = the pretraining run): fine-tuning starts from the
+    pretrained model (every weight as saved by the pretraining run, all but its language-model head), not
+    from a fresh one."""
     from safetensors.torch import load_file
 
     from llmkit import pretrain
 
-    mlm = pretrain.run(load_recipe("pretrain-zh-mlm", [*tiny, "model.arch=bert", "train.objective=mlm",
-                                                       "run.name=mlm", "train.max_steps=3"]))
+    base = pretrain.run(load_recipe(pretraining, [*tiny, *overrides, "run.name=base", "train.max_steps=3"]))
 
     class FirstWeights(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -735,10 +739,10 @@ def test_a_masked_lm_pretrained_first_is_the_classifiers_starting_encoder(data, 
     first = FirstWeights()
     recipe = load_recipe("classify", [f"finetune.source={data['classification']}",
                                       f"finetune.test_source={data['classification:test']}",
-                                      f"model.path={mlm.run_dir}", "train.epochs=0", "train.max_steps=1",
+                                      f"model.path={base.run_dir}", "train.epochs=0", "train.max_steps=1",
                                       "train.eval_every=1", "train.save_every=1", "train.precision=fp32",
                                       f"run.output_dir={tmp_path / 'runs'}", "run.name=classify"])
     finetune.run(recipe, callbacks=[first])
-    pretrained = {k: v for k, v in load_file(mlm.run_dir / "model.safetensors").items() if k.startswith("bert.")}
-    encoder = [k for k in pretrained if ".encoder." in k or ".embeddings." in k]
-    assert encoder and all(torch.equal(first.weights[k], pretrained[k]) for k in encoder)
+    pretrained = load_file(base.run_dir / "model.safetensors")
+    body = [k for k in pretrained if not k.startswith(("lm_head.", "cls."))]  # all but the LM head
+    assert len(body) > 10 and all(torch.equal(first.weights[k], pretrained[k]) for k in body)
