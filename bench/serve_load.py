@@ -59,7 +59,7 @@ def one_request(client: openai.OpenAI, phase: Phase, prompt: str, ask: dict, loc
     start = time.perf_counter()
     first, used = None, 0
     try:
-        stream = client.completions.create(model="model", prompt=prompt, stream=True,
+        stream = client.completions.create(prompt=prompt, stream=True,
                                            stream_options={"include_usage": True}, **ask)
         for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].text:
@@ -146,8 +146,8 @@ def main() -> None:
             export_ct2(str(source), source / "ct2")  # where --engine ct2 finds it
         server, url = start_server(source, options.clients, options.batch_wait, options.engine)
         try:
-            ask = {"max_tokens": options.tokens} | ({} if options.temperature is None else
-                                                    {"temperature": options.temperature})
+            ask = {"model": health(url)["model"], "max_tokens": options.tokens} | (
+                {} if options.temperature is None else {"temperature": options.temperature})
             run_phase(url, 1, 2, ask | {"max_tokens": 8}, options.seconds)  # warm-up
             alone = run_phase(url, 1, options.requests, ask, options.seconds)
             before = health(url)
@@ -157,6 +157,8 @@ def main() -> None:
             server.terminate()
             server.wait(60)
 
+    if not alone.tokens:
+        raise SystemExit(f"one client got no tokens: {(alone.errors or ['no error'])[0]}")
     ratio = together.tokens_per_second / alone.tokens_per_second
     sampling = "the model's sampling defaults" if options.temperature is None else f"temperature {options.temperature}"
     name = options.model if source == Path(options.model) else "random quickstart-shaped model"
