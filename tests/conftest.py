@@ -50,6 +50,17 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path_factory.getbasetemp() / "llmkit-cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (two threads spin-wait for each other on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny(tmp_path) -> list[str]:
     """Overrides that turn the quickstart recipe into a seconds-long run under tmp_path."""

@@ -44,13 +44,7 @@ ADAPTER_PARAMETERS = {  # method -> what its trained parameters' names contain (
     "prompt-tuning": ["prompt_encoder"], "prefix-tuning": ["prompt_encoder"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads spin-wait for each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
