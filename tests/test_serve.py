@@ -186,8 +186,10 @@ def test_streaming_gives_the_same_text_and_cuts_at_a_stop_string(server):
     cut = full[:full.index(stop)]
     pieces = [chunk.choices[0] for chunk in client.completions.create(
         model="model", prompt="我们", max_tokens=12, temperature=0, stop=[stop], stream=True)]
-    assert "".join(piece.text for piece in pieces) == cut and len(pieces) > 2
-    assert [piece.finish_reason for piece in pieces][-1] == "stop"
+    # how many chunks the text takes depends on speed: pieces waiting when the server reads them go out
+    # together (test_openai_api checks the chunking itself); the text and its end do not
+    assert "".join(piece.text for piece in pieces) == cut
+    assert [piece.finish_reason for piece in pieces] == [None] * (len(pieces) - 1) + ["stop"]
     chat = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "我们"}],
                                           max_tokens=6, temperature=0, stream=True,
                                           stream_options={"include_usage": True})
