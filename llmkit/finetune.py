@@ -210,12 +210,11 @@ def make_trainer(recipe: Recipe, model, tokenizer, args, train_features, validat
     from transformers import EarlyStoppingCallback, PrinterCallback
 
     from llmkit.callbacks import Progress
-    from llmkit.training import LlmkitTrainer
+    from llmkit.training import LlmkitTrainer, tokens_per_step
 
     settings = recipe.finetune
     mean_tokens = sum(len(ids) for ids in train_features["input_ids"]) / len(train_features)
-    tokens_per_step = mean_tokens * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-    callbacks = [Progress(round(tokens_per_step)), *callbacks]
+    callbacks = [Progress(tokens_per_step(mean_tokens, args)), *callbacks]
     if settings.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
     trainer = LlmkitTrainer(
@@ -389,7 +388,7 @@ def train_tasks(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     from llmkit.console import console
     from llmkit.devices import training_precision
     from llmkit.loading import build_task_model
-    from llmkit.multitask import SharedEncoderModel, TaskRows
+    from llmkit.multitask import SharedEncoderModel, TaskRows, task_probabilities
     from llmkit.training import start_run, train_resumably, training_arguments
 
     work_dir = folder.work_dir
@@ -412,25 +411,22 @@ def train_tasks(recipe: Recipe, folder, resume: bool, callbacks: list | None):
                               **({"save_steps": recipe.train.eval_every} if recipe.train.eval_every else {}))
     start_run(folder, recipe, args, resume, data_fingerprint(*data.values()))
     train_rows = TaskRows({name: rows for name, (rows, _) in features.items()})
+    shares = task_probabilities(list(map(len, train_rows.lengths)), recipe.finetune.task_temperature)
     if args.process_index == 0:
-        describe_tasks(console, model, parts, data, train_rows, training_precision(recipe.train.precision),
-                       recipe.finetune.task_temperature)
+        describe_tasks(console, model, parts, data, train_rows, training_precision(recipe.train.precision), shares)
     trainer = make_task_trainer(recipe, model, tokenizer, args, train_rows,
-                                TaskRows({name: rows for name, (_, rows) in features.items()}), parts, data,
+                                TaskRows({name: rows for name, (_, rows) in features.items()}), parts, data, shares,
                                 callbacks=[MetricsFile(work_dir / "metrics.jsonl"), *(callbacks or [])])
     train_resumably(trainer, work_dir, resume, "finetune")
     validation, test = finish_tasks(recipe, trainer, tokenizer, parts, data, work_dir)
     return validation, test, args.process_index == 0
 
 
-def describe_tasks(console, model, parts: dict, data: dict, train_rows, precision, temperature: float) -> None:
-    from llmkit.multitask import task_probabilities
-
+def describe_tasks(console, model, parts: dict, data: dict, train_rows, precision, shares: list[float]) -> None:
     shared = sum(p.numel() for p in model.encoder.parameters())
     heads = sum(p.numel() for p in model.heads.parameters())
     console.print(f"{len(parts)} tasks, one {model.encoder.config.model_type} encoder ({shared / 1e6:.2f}M parameters "
                   f"shared, {heads:,} in the heads); {precision.name} ({precision.reason})", highlight=False)
-    shares = task_probabilities(list(map(len, train_rows.lengths)), temperature)
     for (name, settings), rows, share in zip(parts.items(), train_rows.lengths, shares):
         console.print(f"  {name}: {settings.task} on {settings.source}, {len(rows):,} training / "
                       f"{len(data[name].validation):,} validation / {len(data[name].test):,} test examples, "
@@ -438,21 +434,20 @@ def describe_tasks(console, model, parts: dict, data: dict, train_rows, precisio
 
 
 def make_task_trainer(recipe: Recipe, model, tokenizer, args, train_rows, validation_rows, parts: dict,
-                      data: dict, callbacks):
+                      data: dict, shares: list[float], callbacks):
     from transformers import PrinterCallback
 
     from llmkit.callbacks import Progress
-    from llmkit.multitask import MultitaskTrainer, TaskCollator, task_probabilities
+    from llmkit.multitask import MultitaskTrainer, TaskCollator
+    from llmkit.training import tokens_per_step
 
     lengths = [length for task in train_rows.lengths for length in task]
-    tokens_per_step = sum(lengths) / len(lengths) * args.train_batch_size * args.gradient_accumulation_steps \
-        * args.world_size
     trainer = MultitaskTrainer(
         model=model, args=args, train_dataset=train_rows, eval_dataset=validation_rows,
         data_collator=TaskCollator({name: task_data.collator(settings.task, tokenizer) for name, settings in parts.items()}),
-        processing_class=tokenizer, callbacks=[Progress(round(tokens_per_step)), *callbacks], perplexity=False,
-        score_validation=task_scorer(recipe, tokenizer, parts, data),
-        probabilities=task_probabilities(list(map(len, train_rows.lengths)), recipe.finetune.task_temperature))
+        processing_class=tokenizer, callbacks=[Progress(tokens_per_step(sum(lengths) / len(lengths), args)),
+                                               *callbacks], perplexity=False,
+        score_validation=task_scorer(recipe, tokenizer, parts, data), probabilities=shares)
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
     return trainer
 

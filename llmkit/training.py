@@ -199,8 +199,7 @@ def language_model_trainer(recipe: Recipe, model, tokenizer, args, train_blocks,
     tokens_per_block = recipe.data.block_size
     if objective == "mlm+nsp" and len(train_blocks):
         tokens_per_block = sum(map(len, train_blocks["input_ids"])) / len(train_blocks)
-    tokens_per_step = tokens_per_block * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-    callbacks = [Progress(tokens_per_step), *callbacks]
+    callbacks = [Progress(tokens_per_step(tokens_per_block, args)), *callbacks]
     if objective == "causal" and recipe.distributed.strategy == "ddp":
         callbacks.append(ShowSamples(tokenizer, recipe.generate, recipe.run.seed))
     nsp = {"compute_metrics": nsp_metrics, "preprocess_logits_for_metrics": nsp_predictions,
@@ -210,6 +209,11 @@ def language_model_trainer(recipe: Recipe, model, tokenizer, args, train_blocks,
                             data_collator=collator, callbacks=callbacks, tokens_per_char=tokens_per_char, **nsp)
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
     return trainer
+
+
+def tokens_per_step(tokens_per_example: float, args) -> int:
+    """Tokens one optimizer step trains on, over every process: what progress shows as throughput."""
+    return round(tokens_per_example * args.train_batch_size * args.gradient_accumulation_steps * args.world_size)
 
 
 def nsp_predictions(logits, labels):
