@@ -67,6 +67,7 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     `folder.work_dir` (a rundir.RunFolder) and finish there;
     -> (final metrics, samples, whether this is the main process)."""
     import transformers
+    from torch.utils.data import DataLoader
 
     from llmkit import rundir
     from llmkit.callbacks import MetricsFile
@@ -75,7 +76,8 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     from llmkit.devices import training_precision
     from llmkit.loading import build_model
     from llmkit.tokenizer import load_tokenizer, train_tokenizer
-    from llmkit.training import language_model_trainer, start_run, train_resumably, training_arguments
+    from llmkit.training import (fit_to_budget, language_model_collator, language_model_trainer, start_run,
+                                 train_resumably, training_arguments)
 
     work_dir = folder.work_dir
     objective = recipe.train.objective
@@ -107,6 +109,10 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
         if len(eval_blocks) == 0:
             raise LlmkitError(f"the validation split ({eval_tokens} tokens) is shorter than one block of "
                               f"data.block_size = {recipe.data.block_size}; lower it or hold out more text")
+    if recipe.train.max_minutes:
+        batches = DataLoader(train_blocks.with_format("torch"), batch_size=args.per_device_train_batch_size,
+                             collate_fn=language_model_collator(recipe.train, tokenizer))
+        fit_to_budget(recipe, model, batches, args, work_dir, resume)
     start_run(folder, recipe, args, resume, splits.fingerprint, tokenizer)
     if args.process_index == 0:
         describe_setup(console, model, tokenizer, train_blocks, eval_blocks, args,

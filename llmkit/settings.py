@@ -140,7 +140,8 @@ class DataSettings:
 class TrainSettings:
     objective: Literal["causal", "mlm", "mlm+nsp"] = "causal"  # next-token prediction, BERT-style masked LM, or masked LM plus next-sentence prediction (bert)
     mlm_probability: float = 0.15  # share of tokens masked (mlm, mlm+nsp)
-    max_steps: int = 1000  # optimizer steps (unless epochs is set)
+    max_steps: int = 1000  # optimizer steps (unless epochs is set); with max_minutes, the most it may take
+    max_minutes: float = 0.0  # pretrain for as many steps as fit in this many minutes, measured on this machine at the start (llmkit.budget); 0 = max_steps
     epochs: float = 0.0  # passes over the training data; 0 = train for max_steps instead
     batch_size: int = 32  # sequences per device per step
     gradient_accumulation: int = 1  # micro-batches per optimizer step
@@ -162,7 +163,8 @@ class TrainSettings:
     report_to: list[str] = field(default_factory=list)  # also log to these Trainer integrations: "tensorboard" (in <run>/tensorboard), "wandb", "mlflow", ...; [] = none (metrics.jsonl and loss.png are always written)
 
     RANGES = {
-        "mlm_probability": FRACTION, "max_steps": COUNT, "epochs": Range(0, INT_MAX), "batch_size": COUNT,
+        "mlm_probability": FRACTION, "max_steps": COUNT, "max_minutes": NON_NEGATIVE,
+        "epochs": Range(0, INT_MAX), "batch_size": COUNT,
         "gradient_accumulation": COUNT, "learning_rate": POSITIVE, "min_lr_ratio": UNIT,
         "warmup_steps": Range(0, INT_MAX),  # from 1 on it counts steps
         "weight_decay": NON_NEGATIVE, "adam_beta2": BELOW_ONE,
@@ -173,6 +175,9 @@ class TrainSettings:
 
     def check(self) -> None:
         check_ranges(self, "train")
+        if self.max_minutes and self.epochs:
+            raise LlmkitError(f"train.max_minutes ({self.max_minutes:g}) and train.epochs ({self.epochs:g}) both say "
+                              f"how long to train: set one of them (the other to 0)")
 
 
 @dataclass

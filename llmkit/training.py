@@ -189,13 +189,9 @@ def language_model_trainer(recipe: Recipe, model, tokenizer, args, train_blocks,
                            callbacks: list):
     """The Trainer of a language model on packed blocks (pretraining, and the recovery fine-tune after
     pruning); `callbacks` come on top of progress display and samples."""
-    from transformers import DataCollatorForLanguageModeling, PrinterCallback
+    from transformers import PrinterCallback
 
     objective = recipe.train.objective
-    if objective in ("mlm", "mlm+nsp"):  # mlm+nsp: pairs of sentences (llmkit.data.encode_pairs), padded here
-        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=recipe.train.mlm_probability)
-    else:
-        collator = collate_blocks
     tokens_per_block = recipe.data.block_size
     if objective == "mlm+nsp" and len(train_blocks):
         tokens_per_block = sum(map(len, train_blocks["input_ids"])) / len(train_blocks)
@@ -206,9 +202,20 @@ def language_model_trainer(recipe: Recipe, model, tokenizer, args, train_blocks,
            "perplexity": False} if objective == "mlm+nsp" else {}
     trainer = LlmkitTrainer(model=model, args=args, train_dataset=train_blocks.with_format("torch"),
                             eval_dataset=eval_blocks.with_format("torch"),
-                            data_collator=collator, callbacks=callbacks, tokens_per_char=tokens_per_char, **nsp)
+                            data_collator=language_model_collator(recipe.train, tokenizer), callbacks=callbacks,
+                            tokens_per_char=tokens_per_char, **nsp)
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
     return trainer
+
+
+def language_model_collator(train: TrainSettings, tokenizer):
+    """Batches of packed blocks: masked at random for a masked LM (mlm+nsp: pairs of sentences, from
+    llmkit.data.encode_pairs, padded here), stacked for a causal one."""
+    from transformers import DataCollatorForLanguageModeling
+
+    if train.objective in ("mlm", "mlm+nsp"):
+        return DataCollatorForLanguageModeling(tokenizer, mlm_probability=train.mlm_probability)
+    return collate_blocks
 
 
 def tokens_per_step(tokens_per_example: float, args) -> int:
@@ -260,6 +267,30 @@ def start_run(folder: rundir.RunFolder, recipe: Recipe, args, resume: bool, data
                          rundir.provenance(data_fingerprint, args.world_size, recipe.run.record_host))
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder.work_dir)
+
+
+def fit_to_budget(recipe: Recipe, model, batches, args, run_dir: Path, resume: bool) -> None:
+    """train.max_minutes: lay the run out over the optimizer steps that fit (llmkit.budget), measured here
+    on every rank with `batches` (the run's own), rank 0's count taken by all; a resumed run keeps the count
+    its recipe.toml recorded. The count becomes the recipe's train.max_steps (start_run records it) and the
+    Trainer's (`args`)."""
+    import torch
+    from accelerate.utils import broadcast_object_list
+
+    from llmkit.budget import seconds_per_step, steps_within
+
+    train = recipe.train
+    if resume:
+        steps = load_recipe(run_dir / "recipe.toml").train.max_steps
+    else:
+        with torch.random.fork_rng(devices=[]):  # the run's own random draws stay those of an unbudgeted run
+            per_step = seconds_per_step(model, batches, train, training_precision(train.precision).dtype,
+                                        str(args.device))
+        steps = broadcast_object_list([steps_within(train.max_minutes, per_step, train.max_steps)])[0]
+        if args.process_index == 0:
+            console.print(f"time budget {train.max_minutes:g} min: {per_step:.3f} s per step measured here, "
+                          f"{steps:,} steps (ceiling train.max_steps = {train.max_steps:,})", highlight=False)
+    train.max_steps = args.max_steps = steps
 
 
 def train_resumably(trainer, run_dir: Path, resume: bool, command: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 # llmkit's own progress on stderr (results go to stdout): the setup line, training and evaluation steps,
 # samples, resuming, and the notice of a first Ctrl-C/SIGTERM. Anything else on stderr is a problem or noise.
 PROGRESS = re.compile(r"(model: \w+, .* parameters|\w[\w-]* by \w[\w-]*: .* parameters|step \d+/\d+  loss |"
-                      r"step \d+: eval loss |  sample: |\d+ tasks, one \w+ encoder |  [\w.-]+: [\w-]+ on .*, [\d,]+ training / |resuming (from|with changed) |skipping .*: incomplete|"
+                      r"step \d+: eval loss |  sample: |time budget [\d.]+ min: |\d+ tasks, one \w+ encoder |  [\w.-]+: [\w-]+ on .*, [\d,]+ training / |resuming (from|with changed) |skipping .*: incomplete|"
                       r"\n?SIG(INT|TERM): saving a checkpoint after this step)")
 
 
