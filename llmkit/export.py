@@ -57,7 +57,7 @@ def run(model: str | None, output: str | Path | None = None, *, format: str = "c
             if format == "ct2":
                 export_ct2(source, staging, quantization)
             else:
-                gguf_export.write_gguf(*convertible, staging / written.name, quantization)
+                gguf_export.write_gguf(*convertible, staging / written.name, quantization, name=Path(source).name)
         if target.exists() and not overwrite:
             raise LlmkitError(f"{target} appeared while exporting; it was left alone and the export discarded")
         swap_in(staging, target)

@@ -56,8 +56,9 @@ def load_convertible(source: str):
     check_llama(exportable_config(source, "GGUF", "--quantization q8_0"), source)
     model, tokenizer = load_model(source, device="cpu", dtype="float32")
     if hasattr(model, "peft_config"):  # LoRA-like adapters arrive merged; prompt tuning's virtual tokens cannot
-        raise LlmkitError(f"{source} is a {model.peft_config[model.active_adapter].peft_type} adapter: its virtual "
-                          f"tokens are no weights of the model, and GGUF holds a plain model")
+        kind = model.peft_config[model.active_adapter].peft_type.value.lower().replace("_", "-")
+        raise LlmkitError(f"{source} is a {kind} adapter: its virtual tokens are no weights of the model, and "
+                          f"GGUF holds a plain model")
     check_tokenizer(tokenizer, source)
     return model, tokenizer
 
@@ -87,26 +88,30 @@ def check_tokenizer(tokenizer, source: str) -> None:
         raise LlmkitError(f"{source} has a character-level (WordLevel) tokenizer, which llama.cpp does not "
                           f"read: {CONVERTS}")
     pre, decoder = spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
-    byte_level = (model == "BPE" and not spec["model"].get("byte_fallback") and decoder.get("type") == "ByteLevel"
-                  and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not spec.get("normalizer"))
-    if not byte_level:
-        described = f"{model} tokenizer" + (f" with a {pre['type']} pre-tokenizer" if pre.get("type") else "")
-        raise LlmkitError(f"{source} has a {described}, not a byte-level BPE with GPT-2's split: {CONVERTS}; "
-                          f"llama.cpp's convert_hf_to_gguf.py converts the tokenizers of models it knows")
+    if model != "BPE" or spec["model"].get("byte_fallback") or decoder.get("type") != "ByteLevel":
+        raise LlmkitError(f"{source} has a {model} tokenizer that is not a byte-level BPE: {CONVERTS}; llama.cpp's "
+                          f"convert_hf_to_gguf.py converts the tokenizers of the models it knows")
+    gpt2_split = (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+                  and not spec.get("normalizer"))
+    if not gpt2_split:
+        raise LlmkitError(f"{source}: its byte-level BPE splits text otherwise than GPT-2's (pre-tokenizer "
+                          f"{json.dumps(pre)[:80]}, normalizer {json.dumps(spec.get('normalizer'))[:40]}); llama.cpp "
+                          f"knows other splits by a hash of the tokenizers its convert_hf_to_gguf.py ships: {CONVERTS}")
 
 
 # ---------------------------------------------------------------- writing
 
 
-def write_gguf(model, tokenizer, path: Path, output_type: str = "f16") -> None:
-    """The GGUF file of a model load_convertible accepted, at `path` (its folder exists)."""
+def write_gguf(model, tokenizer, path: Path, output_type: str = "f16", name: str | None = None) -> None:
+    """The GGUF file of a model load_convertible accepted, at `path` (its folder exists); `name` (general.name,
+    what llama.cpp and Ollama show) defaults to the model folder's."""
     gguf = require_gguf()
     if output_type not in OUTPUT_TYPES:
         raise LlmkitError(f"--quantization for gguf must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
     config = model.config
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(Path(config.name_or_path).name or "model")
+    writer.add_name(name or Path(config.name_or_path).name)
     add_hyperparameters(writer, config)
     add_vocabulary(writer, tokenizer, config)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

@@ -5,6 +5,7 @@ another architecture, a bad option): exit 2, one line, nothing written."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -14,6 +15,8 @@ from llmkit.cli import app
 
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf", reason="pip install 'llmkit[gguf]'")
+
+from tokenizers import pre_tokenizers  # noqa: E402
 
 from llmkit.rundir import OWNER_MARK  # noqa: E402
 from tests.conftest import bpe_tokenizer, char_tokenizer, problems, save_tiny_model  # noqa: E402
@@ -136,6 +139,35 @@ def test_overwrite_replaces_the_export(tmp_path, tokenizer):
     assert {t.name: t.tensor_type for t in reader.tensors}["blk.1.ffn_down.weight"] == gguf.GGMLQuantizationType.BF16
 
 
+def test_an_adapter_exports_merged_onto_its_base(tmp_path, tokenizer, one_thread):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.loading import load_model
+
+    base = llama(tmp_path / "base", tokenizer)
+    lora = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                               peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    assert export(str(tmp_path / "adapter"), "--quantization", "f32").exit_code == 0
+    ids = tokenizer(SENTENCE).input_ids
+    merged = logits(load_model(str(tmp_path / "adapter"), device="cpu", dtype="float32")[0], ids)
+    exported = logits(read_back(tmp_path / "adapter" / "gguf" / "model-f32.gguf")[0], ids)
+    assert (exported - merged).abs().max() < 1e-5 and (exported - logits(base, ids)).abs().max() > 1e-3
+    reader = gguf.GGUFReader(tmp_path / "adapter" / "gguf" / "model-f32.gguf")
+    assert reader.fields["general.name"].contents() == "adapter"  # the folder exported, not its base
+
+    prompt = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                 peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    prompt.save_pretrained(tmp_path / "prompt")
+    tokenizer.save_pretrained(tmp_path / "prompt")
+    result = export(str(tmp_path / "prompt"))
+    assert result.exit_code == 2 and f"{tmp_path / 'prompt'} is a prompt-tuning adapter: its virtual tokens" \
+        in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "prompt" / "gguf").exists()
+
+
 def test_refusals_say_what_converts_and_write_nothing(tmp_path, tokenizer):
     import transformers
 
@@ -145,6 +177,9 @@ def test_refusals_say_what_converts_and_write_nothing(tmp_path, tokenizer):
                                                          n_head=2)).save_pretrained(gpt2)
     tokenizer.save_pretrained(gpt2)
     bert = save_tiny_model(tmp_path / "bert", "BertForMaskedLM", char_tokenizer("mlm"))
+    spaced = copy.deepcopy(tokenizer)  # a prefix space llama.cpp's "gpt-2" split does not add
+    spaced.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    llama(tmp_path / "spaced", spaced)
     llama(tmp_path / "model", tokenizer)
     converts = 'model.arch = "llama" and tokenizer.kind = "bpe"'
     cases = [
@@ -152,6 +187,8 @@ def test_refusals_say_what_converts_and_write_nothing(tmp_path, tokenizer):
                             f"read: llmkit exports Llama models with a byte-level BPE tokenizer to GGUF (a recipe "
                             f"with {converts})"),
         ([str(gpt2)], f"{gpt2} is a GPT2LMHeadModel (gpt2): llmkit exports Llama models"),
+        ([str(tmp_path / "spaced")], f"{tmp_path / 'spaced'}: its byte-level BPE splits text otherwise than GPT-2's "
+                                     f'(pre-tokenizer {{"type": "ByteLevel", "add_prefix_space": true'),
         ([str(bert)], f"{bert} is a BertForMaskedLM: llmkit exports decoder-only language models (a causal-lm head) "
                       f"to GGUF"),
         ([str(tmp_path / "model"), "--quantization", "q4_0"], "--quantization for gguf must be one of f16, f32, "
