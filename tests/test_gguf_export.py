@@ -35,14 +35,14 @@ def tokenizer():
     return bpe_tokenizer()
 
 
-def llama(folder, tokenizer, tie: bool = True):
+def llama(folder, tokenizer, tie: bool = True, rope: dict | None = None):
     """A 2-layer Llama with grouped-query attention (4 query heads, 2 key/value heads): both permutations."""
     import transformers
 
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tie,
-                                      rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+                                      rope_parameters=rope or {"rope_type": "default", "rope_theta": 5000.0},
                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                       pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -180,6 +180,7 @@ def test_refusals_say_what_converts_and_write_nothing(tmp_path, tokenizer):
     spaced = copy.deepcopy(tokenizer)  # a prefix space llama.cpp's "gpt-2" split does not add
     spaced.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     llama(tmp_path / "spaced", spaced)
+    llama(tmp_path / "scaled", tokenizer, rope={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     llama(tmp_path / "model", tokenizer)
     converts = 'model.arch = "llama" and tokenizer.kind = "bpe"'
     cases = [
@@ -189,6 +190,8 @@ def test_refusals_say_what_converts_and_write_nothing(tmp_path, tokenizer):
         ([str(gpt2)], f"{gpt2} is a GPT2LMHeadModel (gpt2): llmkit exports Llama models"),
         ([str(tmp_path / "spaced")], f"{tmp_path / 'spaced'}: its byte-level BPE splits text otherwise than GPT-2's "
                                      f'(pre-tokenizer {{"type": "ByteLevel", "add_prefix_space": true'),
+        ([str(tmp_path / "scaled")], f"{tmp_path / 'scaled'} scales its rotary embeddings (linear): llmkit's GGUF "
+                                     f"export writes plain RoPE only"),
         ([str(bert)], f"{bert} is a BertForMaskedLM: llmkit exports decoder-only language models (a causal-lm head) "
                       f"to GGUF"),
         ([str(tmp_path / "model"), "--quantization", "q4_0"], "--quantization for gguf must be one of f16, f32, "
