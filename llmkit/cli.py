@@ -253,20 +253,25 @@ def serve(recipe: Optional[str] = typer.Argument(None, help="Recipe whose \\[gen
 
 
 @app.command(epilog="Examples:\n\n  llmkit export --format ct2 runs/pretrain-zh-tiny\n\n"
-                    "  llmkit export --format ct2 runs/pretrain-zh-tiny runs/tiny-ct2-int8 --quantization int8")
+                    "  llmkit export --format ct2 runs/pretrain-zh-tiny runs/tiny-ct2-int8 --quantization int8\n\n"
+                    "  llmkit export --format gguf runs/pretrain-zh-bpe --quantization q8_0")
 def export(model: Optional[str] = typer.Argument(None, help="Run, model or adapter folder (default: runs/latest)."),
            output: Optional[Path] = typer.Argument(None, help="Folder to write (default: MODEL/ct2, where "
-                                                             "`llmkit generate` finds it)."),
-           format: str = typer.Option("ct2", "--format", help="ct2: CTranslate2 (pip install 'llmkit\\[fast]')."),
-           quantization: str = typer.Option("float32", "--quantization", help="float32, int8 or int16 (CPU); "
-                                                                              "float16, bfloat16 (GPU)."),
+                                                             "`llmkit generate` finds it, or MODEL/gguf)."),
+           format: str = typer.Option("ct2", "--format", help="ct2: CTranslate2 (pip install 'llmkit\\[fast]'); "
+                                                              "gguf: llama.cpp and Ollama, Llama models with a "
+                                                              "byte-level BPE tokenizer (pip install 'llmkit\\[gguf]')."),
+           quantization: Optional[str] = typer.Option(None, "--quantization", help="ct2: float32 (default), int8 or "
+                                                      "int16 (CPU), float16, bfloat16 (GPU); gguf: f16 (default), "
+                                                      "f32, bf16, q8_0."),
            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an export that llmkit made.")):
-    """Convert a causal language model for a fast engine; `llmkit generate --engine ct2` runs it."""
+    """Convert a causal language model for a fast engine: CTranslate2 (`llmkit generate --engine ct2`) or
+    llama.cpp/Ollama (GGUF)."""
     with reporting_errors():
         from llmkit import export as task
 
-        target = task.run(model, output, format=format, quantization=quantization, overwrite=overwrite)
-        typer.echo(f"exported to {target} ({format}, {quantization})")
+        written = task.run(model, output, format=format, quantization=quantization, overwrite=overwrite)
+        typer.echo(f"exported to {written} ({format}, {quantization or task.QUANTIZATIONS[format][0]})")
 
 
 @app.command(epilog="Examples:\n\n  llmkit push runs/pretrain-zh-tiny your-name/pretrain-zh-tiny\n\n"

@@ -259,14 +259,12 @@ class Watcher:
 # ---------------------------------------------------------------- exporting
 
 
-def check_exportable(source: str) -> None:
-    """Refuse, naming why, a model CTranslate2 cannot run as a decoder-only generator."""
+def exportable_config(source: str, target: str, quantized_hint: str):
+    """The config of a full-precision decoder-only model at `source` (an adapter: of its base), which llmkit
+    exports to `target` (a format's name); anything else is refused, naming why."""
     from transformers import AutoConfig
 
     from llmkit.compression import MARKER
-
-    ctranslate2 = require_ctranslate2()
-    from ctranslate2.converters.transformers import _MODEL_LOADERS
 
     config_source = source
     adapter = Path(source) / "adapter_config.json"
@@ -280,11 +278,21 @@ def check_exportable(source: str) -> None:
         raise LlmkitError(f"cannot read the config of {config_source}: {first_line(error)}") from None
     name = (config.architectures or [type(config).__name__])[0]
     if getattr(config, "quantization_config", None) is not None or getattr(config, MARKER, None):
-        raise LlmkitError(f"{source} is quantized: export the full-precision model, with --quantization int8")
+        raise LlmkitError(f"{source} is quantized: export the full-precision model, with {quantized_hint}")
     if getattr(config, "is_encoder_decoder", False) or not name.endswith(("ForCausalLM", "LMHeadModel")):
         raise LlmkitError(f"{source} is a {name}: llmkit exports decoder-only language models (a causal-lm "
-                          f"head) to CTranslate2")
+                          f"head) to {target}")
+    return config
+
+
+def check_exportable(source: str) -> None:
+    """Refuse, naming why, a model CTranslate2 cannot run as a decoder-only generator."""
+    ctranslate2 = require_ctranslate2()
+    from ctranslate2.converters.transformers import _MODEL_LOADERS
+
+    config = exportable_config(source, "CTranslate2", "--quantization int8")
     if type(config).__name__ not in _MODEL_LOADERS:
+        name = (config.architectures or [type(config).__name__])[0]
         raise LlmkitError(f"{source} is a {name} ({config.model_type}): CTranslate2 {ctranslate2.__version__} has "
                           f"no converter for it (it converts Llama, Mistral, Qwen2/3, Gemma, GPT-2, GPT-NeoX, "
                           f"Falcon, Phi and more)")

@@ -81,12 +81,21 @@ def recipe_file(tmp_path):
 
 def char_tokenizer(objective: str = "causal"):
     """A character tokenizer trained on 200 documents of the built-in corpus."""
+    return trained_tokenizer(objective, kind="char", vocab_size=2000)
+
+
+def bpe_tokenizer(objective: str = "causal"):
+    """A byte-level BPE tokenizer of 600 tokens trained on 200 documents of the built-in corpus."""
+    return trained_tokenizer(objective, kind="bpe", vocab_size=600)
+
+
+def trained_tokenizer(objective: str, **settings):
     from llmkit.corpora import peoples_daily
     from llmkit.settings import TokenizerSettings
     from llmkit.tokenizer import train_tokenizer
 
     documents = [row["text"] for row in peoples_daily()[:200]]
-    return train_tokenizer(documents, TokenizerSettings(vocab_size=2000), objective)
+    return train_tokenizer(documents, TokenizerSettings(**settings), objective)
 
 
 def save_tiny_model(path: Path, model_class: str, tokenizer, d_model: int = 32, **config) -> Path:

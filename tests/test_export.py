@@ -108,8 +108,8 @@ def test_refusals_name_the_problem_and_write_nothing(tmp_path, tokenizer):
     (user_folder / "notes.txt").write_text("keep", encoding="utf-8")
     cases = [
         ([str(bert)], f"{bert} is a BertForMaskedLM: llmkit exports decoder-only language models"),
-        ([str(model_dir), "--quantization", "int4"], "--quantization must be one of float32, int8"),
-        ([str(model_dir), "--format", "gguf"], "--format must be one of ct2"),
+        ([str(model_dir), "--quantization", "int4"], "--quantization for ct2 must be one of float32, int8"),
+        ([str(model_dir), "--format", "onnx"], "--format must be one of ct2, gguf, got 'onnx'"),
         ([str(model_dir), str(model_dir)], "the output cannot be the model"),
         ([str(model_dir), str(tmp_path)], "the output cannot be the model"),
         ([str(model_dir), str(model_dir / "elsewhere")], "inside the model folder, an export goes to"),
