@@ -20,6 +20,7 @@ from llmkit import rundir
 from llmkit.callbacks import Progress, SealCheckpoints, ShowSamples, StopOnInterrupt
 from llmkit.console import console
 from llmkit.devices import has_accelerator, training_precision
+from llmkit.distributed import is_sharded, shard_on_cpu
 from llmkit.errors import Interrupted, LlmkitError, did_you_mean
 from llmkit.recipe import load_recipe, recipe_to_dict, recipe_to_toml
 from llmkit.settings import DistributedSettings, Recipe, TrainSettings
@@ -38,6 +39,10 @@ class LlmkitTrainer(Trainer):
         self.class_weights, self.teacher, self.distill = class_weights, teacher, distill
         self.score_validation = score_validation
         self.validation_scores: dict = {}
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        shard_on_cpu(self)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs and self.validation_scores:
@@ -101,6 +106,15 @@ def trained_model(trainer):
     """The trained model as saved and as `llmkit eval` scores it: without the mixed-precision (autocast)
     wrapper that Trainer puts on its forward when training in bf16/fp16."""
     return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+
+
+def whole_model(trainer, saved_in: Path, auto_class):
+    """The trained model whole, for the main process to generate from and describe once training is over:
+    the model itself, or when its parameters are sharded across processes (distributed.is_sharded) the
+    copy trainer.save_model gathered into `saved_in`, read back with `auto_class`."""
+    if is_sharded(trainer):
+        return auto_class.from_pretrained(saved_in)
+    return trained_model(trainer)
 
 
 def collate_blocks(rows: list[dict]) -> dict:
@@ -200,14 +214,14 @@ def language_model_trainer(recipe: Recipe, model, tokenizer, args, train_blocks,
     if objective == "mlm+nsp" and len(train_blocks):
         tokens_per_block = sum(map(len, train_blocks["input_ids"])) / len(train_blocks)
     callbacks = [Progress(tokens_per_step(tokens_per_block, args)), *callbacks]
-    if objective == "causal" and recipe.distributed.strategy == "ddp":
-        callbacks.append(ShowSamples(tokenizer, recipe.generate, recipe.run.seed))
     nsp = {"compute_metrics": nsp_metrics, "preprocess_logits_for_metrics": nsp_predictions,
            "perplexity": False} if objective == "mlm+nsp" else {}
     trainer = LlmkitTrainer(model=model, args=args, train_dataset=train_blocks.with_format("torch"),
                             eval_dataset=eval_blocks.with_format("torch"),
                             data_collator=collator, callbacks=callbacks, tokens_per_char=tokens_per_char, **nsp)
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
+    if objective == "causal" and not is_sharded(trainer):  # a sharded model generates on every process or none
+        trainer.add_callback(ShowSamples(tokenizer, recipe.generate, recipe.run.seed))
     return trainer
 
 
