@@ -136,6 +136,9 @@ def training_arguments(train: TrainSettings, distributed: DistributedSettings, s
     if distributed.strategy == "fsdp":
         strategy = {"fsdp": distributed.fsdp, "fsdp_config": distributed.fsdp_config or None}
     elif distributed.strategy == "deepspeed":
+        if not Path(distributed.deepspeed).is_file():
+            raise LlmkitError(f"distributed.deepspeed: no such file: {distributed.deepspeed} (a DeepSpeed JSON "
+                              f"config, relative to the recipe; llmkit ships recipes/deepspeed/zero2.json)")
         strategy = {"deepspeed": distributed.deepspeed}
     warmup = train.warmup_steps if train.warmup_steps < 1 else int(train.warmup_steps)
     schedule = "epoch" if train.eval_every == 0 else "steps"

@@ -114,7 +114,6 @@ def test_torchrun_fsdp_shards_and_ends_with_the_weights_of_one_process(runs, ref
 
 
 def test_torchrun_deepspeed_zero2_ends_with_the_weights_of_one_process(runs, reference):
-    pytest.importorskip("deepspeed")  # the deepspeed extra (in the test extra)
     pretrain(torchrun(), runs, "zero2", "distributed.strategy=deepspeed",
              f"distributed.deepspeed={RECIPES / 'deepspeed' / 'zero2.json'}")
     run_dir = runs / "zero2"
@@ -124,8 +123,6 @@ def test_torchrun_deepspeed_zero2_ends_with_the_weights_of_one_process(runs, ref
 
 @pytest.mark.parametrize("config", ["ddp", "fsdp", "deepspeed-zero2"])
 def test_accelerate_launch_with_each_shipped_config(runs, reference, config):
-    if config.startswith("deepspeed"):
-        pytest.importorskip("deepspeed")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(RECIPES / "accelerate" / f"{config}.yaml"), "--num_processes", "2",
                 "--main_process_port", str(free_port())]
