@@ -147,3 +147,42 @@ def test_two_machines_end_where_one_machine_with_two_processes_does(runs, ddp):
     run_dir = runs / "two-machines"
     assert json.loads((run_dir / "provenance.json").read_text())["world_size"] == 2
     assert_same_weights(run_dir, ddp[0], tolerance=1e-7)
+
+
+def train_on_rank_0_only(rank: int, port: int, results, fail: bool) -> None:
+    """One of two processes calling once_for_all (torch.multiprocessing.spawn runs it)."""
+    import torch.distributed as dist
+
+    from llmkit.distributed import once_for_all
+    from llmkit.errors import LlmkitError
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def make():
+        if fail:
+            raise LlmkitError("tokenizer.vocab_size = 3 is too small")
+        return {"made by": rank}
+
+    try:
+        results[rank] = once_for_all(make)
+    except LlmkitError as error:
+        results[rank] = f"error: {error}"
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_once_for_all_makes_on_rank_0_and_every_rank_gets_its_result_or_its_error(fail):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(train_on_rank_0_only, args=(free_port(), results, fail), nprocs=2)
+        got = dict(results)
+    expected = "error: tokenizer.vocab_size = 3 is too small" if fail else {"made by": 0}
+    assert got == {0: expected, 1: expected}
+
+
+def test_once_for_all_without_a_process_group_just_makes():
+    from llmkit.distributed import once_for_all
+
+    assert once_for_all(lambda: 42) == 42
