@@ -81,7 +81,10 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     work_dir = folder.work_dir
     objective = recipe.train.objective
     # First: under a launcher this joins the processes, which the tokenizer below needs.
-    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS)
+    # A language model uses every parameter at every step: DDP need not search for unused ones (Trainer's
+    # default makes it walk the autograd graph again at every step, and warn that it found none).
+    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
+                              ddp_find_unused_parameters=False)
     with console.status("reading data"):
         splits = load_text_splits(recipe.data)
     with console.status("preparing the tokenizer"):
