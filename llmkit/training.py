@@ -44,6 +44,14 @@ class LlmkitTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         shard_on_cpu(self)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # FSDP gathers, and DeepSpeed copies, each weight apart: tied weights (an output matrix that is the
+        # embeddings) come as equal copies, which transformers would save twice. Their source alone is kept.
+        if state_dict:
+            tied = getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {}
+            state_dict = {k: v for k, v in state_dict.items() if tied.get(k) not in state_dict}
+        super()._save(output_dir, state_dict)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs and self.validation_scores:
             logs.update({f"eval_{k}": v for k, v in self.validation_scores.items() if isinstance(v, (int, float))})
