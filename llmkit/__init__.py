@@ -9,11 +9,11 @@ Library use mirrors the CLI:
     result = pretrain.run(recipe, overwrite=True)
 """
 
-from llmkit.console import quiet_optional_kernel_notice
+from llmkit.console import quiet_import_notices
 from llmkit.errors import LlmkitError
 from llmkit.recipe import load_recipe
 from llmkit.settings import Recipe
 
-quiet_optional_kernel_notice()
+quiet_import_notices()
 __version__ = "0.1.0"
 __all__ = ["LlmkitError", "Recipe", "load_recipe", "__version__"]

@@ -5,6 +5,7 @@ terminal; and the libraries' own chatter kept off both."""
 import logging
 import os
 import sys
+import warnings
 
 from rich.console import Console
 
@@ -12,20 +13,29 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress, not
 stdout = Console(highlight=False, soft_wrap=True)  # results, what scripts read
 
 
-class _DropOptionalKernelNotice(logging.Filter):
-    """bitsandbytes (imported by peft, so by every Trainer) logs at import, on CPUs with avx512_bf16, that an
-    optional kernel package is missing; its own CPU path works without it."""
+class _Drop(logging.Filter):
+    """Drops a library's log records that contain `text`; its other records still show."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "kernels-community" not in record.getMessage()
+        return self.text not in record.getMessage()
 
 
-def quiet_optional_kernel_notice() -> None:
-    """Drop that notice only; its other warnings still show. Set up when llmkit is imported, before anything
-    imports bitsandbytes."""
-    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(isinstance(f, _DropOptionalKernelNotice) for f in bnb_cpu.filters):
-        bnb_cpu.addFilter(_DropOptionalKernelNotice())
+# (logger, notice): bitsandbytes (imported by peft, so by every Trainer) logs at import, on CPUs with
+# avx512_bf16, that an optional kernel package is missing, and its own CPU path works without it; DeepSpeed
+# logs, on stdout, that it found no GPU whenever a run on CPUs imports it, and runs on the CPU as asked.
+NOTICES = (("bitsandbytes.backends.cpu.ops", "kernels-community"), ("DeepSpeed", "Setting accelerator to CPU"))
+
+
+def quiet_import_notices() -> None:
+    """Drop those notices only. Set up when llmkit is imported, before anything imports the libraries."""
+    for name, text in NOTICES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) and f.text == text for f in logger.filters):
+            logger.addFilter(_Drop(text))
 
 
 def quiet_libraries() -> None:
@@ -34,6 +44,9 @@ def quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    # DeepSpeed's ZeRO gathers with a torch function that torch 2.13 deprecates: its warning, at every step.
+    warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
     else:  # read when datasets is imported: commands that never use it do not pay its import (0.4 s)

@@ -210,7 +210,15 @@ def pack_blocks(documents: list[str], tokenizer, block_size: int, cache_dir: Pat
     tokens = texts.map(tokenize, batched=True, remove_columns=["text"], cache_file_name=cache("tokens"),
                        desc="tokenizing")
     blocks = tokens.map(group, batched=True, batch_size=1000, cache_file_name=cache("blocks"), desc="packing")
-    return blocks, sum(len(ids) for ids in tokens["input_ids"])
+    return blocks, token_count(tokens)
+
+
+def token_count(tokens) -> int:
+    """The tokens of a tokenized dataset, counted in Arrow: its rows never become Python lists (a billion
+    tokens would take tens of GB as Python ints)."""
+    import pyarrow.compute as pc
+
+    return pc.sum(pc.list_value_length(tokens.data.column("input_ids"))).as_py() or 0
 
 
 def tokenizer_hash(tokenizer) -> str:

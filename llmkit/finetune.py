@@ -81,6 +81,14 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
 
     work_dir = folder.work_dir
     settings = recipe.finetune
+    # First: under a launcher this joins the processes, which task_tokenizer needs.
+    metric = settings.metric or tasks.selection_metrics(settings.task)[0]
+    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
+                              load_best_model_at_end=True, metric_for_best_model=metric,
+                              greater_is_better=not metric.endswith("loss"), remove_unused_columns=False,
+                              train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
+                              label_names=list(tasks.TASKS[settings.task].targets),
+                              **({"save_steps": recipe.train.eval_every} if recipe.train.eval_every else {}))
     with console.status("reading data"):
         data = task_data.load_task_data(settings, recipe.run.seed)
     with console.status("preparing the tokenizer"):
@@ -91,13 +99,6 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
         model = apply_method(settings, build_task_model(recipe, tokenizer, data.labels))
     train_features, validation_features = map(datasets.Dataset.from_list, encode_splits(recipe, tokenizer, data, model))
 
-    metric = settings.metric or tasks.selection_metrics(settings.task)[0]
-    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
-                              load_best_model_at_end=True, metric_for_best_model=metric,
-                              greater_is_better=not metric.endswith("loss"), remove_unused_columns=False,
-                              train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
-                              label_names=list(tasks.TASKS[settings.task].targets),
-                              **({"save_steps": recipe.train.eval_every} if recipe.train.eval_every else {}))
     start_run(folder, recipe, args, resume, data_fingerprint(data))
     if args.process_index == 0:
         describe_setup(console, model, settings, data, train_features, training_precision(recipe.train.precision))
@@ -116,6 +117,7 @@ def task_tokenizer(recipe: Recipe, parts: list[tuple[FinetuneSettings, task_data
     """The base model's tokenizer, or one trained on the training texts of the task (or tasks: parts holds
     each one's settings and data); padded (a task's module may prepare it further: a chat template for
     instruction tuning)."""
+    from llmkit.distributed import once_for_all
     from llmkit.loading import objective_of, resolve_model
     from llmkit.tokenizer import load_tokenizer, train_tokenizer
 
@@ -126,7 +128,8 @@ def task_tokenizer(recipe: Recipe, parts: list[tuple[FinetuneSettings, task_data
         objective = objective_of(recipe.model.arch, tasks.TASKS[parts[0][0].task].head)
         texts = [text for settings, data in parts
                  for text in task_data.implementation(settings.task).training_texts(settings, data.train)]
-        tokenizer = train_tokenizer(texts, recipe.tokenizer, objective)
+        # trained once, on the main process: every process must use the very same vocabulary
+        tokenizer = once_for_all(lambda: train_tokenizer(texts, recipe.tokenizer, objective))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -392,6 +395,12 @@ def train_tasks(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     from llmkit.training import start_run, train_resumably, training_arguments
 
     work_dir = folder.work_dir
+    # First: under a launcher this joins the processes, which task_tokenizer needs.
+    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
+                              load_best_model_at_end=True, metric_for_best_model="mean_score",
+                              greater_is_better=True, remove_unused_columns=False,
+                              ddp_find_unused_parameters=True,  # a step trains one task's head, not the others
+                              **({"save_steps": recipe.train.eval_every} if recipe.train.eval_every else {}))
     parts = {entry.label: recipe.finetune.for_task(entry) for entry in recipe.finetune.tasks}
     with console.status("reading data"):
         data = {name: task_data.load_task_data(settings, recipe.run.seed) for name, settings in parts.items()}
@@ -404,11 +413,6 @@ def train_tasks(recipe: Recipe, folder, resume: bool, callbacks: list | None):
                                     for name in parts})
     features = {name: encode_splits(recipes[name], tokenizer, data[name], model.task_models[name]) for name in parts}
 
-    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
-                              load_best_model_at_end=True, metric_for_best_model="mean_score",
-                              greater_is_better=True, remove_unused_columns=False,
-                              ddp_find_unused_parameters=True,  # a step trains one task's head, not the others
-                              **({"save_steps": recipe.train.eval_every} if recipe.train.eval_every else {}))
     start_run(folder, recipe, args, resume, data_fingerprint(*data.values()))
     train_rows = TaskRows({name: rows for name, (rows, _) in features.items()})
     shares = task_probabilities(list(map(len, train_rows.lengths)), recipe.finetune.task_temperature)

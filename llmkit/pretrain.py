@@ -74,6 +74,7 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     from llmkit.console import console
     from llmkit.data import blocks_cache, encode_pairs, load_text_splits, pack_blocks, sentence_pairs
     from llmkit.devices import training_precision
+    from llmkit.distributed import once_for_all
     from llmkit.loading import build_model
     from llmkit.tokenizer import load_tokenizer, train_tokenizer
     from llmkit.training import (fit_to_budget, language_model_collator, language_model_trainer, start_run,
@@ -81,18 +82,22 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
 
     work_dir = folder.work_dir
     objective = recipe.train.objective
+    # First: under a launcher this joins the processes, which the tokenizer below needs.
+    # A language model uses every parameter at every step: DDP need not search for unused ones (Trainer's
+    # default makes it walk the autograd graph again at every step, and warn that it found none).
+    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
+                              ddp_find_unused_parameters=False)
     with console.status("reading data"):
         splits = load_text_splits(recipe.data)
     with console.status("preparing the tokenizer"):
         tokenizer_source = folder.run_dir if resume else (recipe.tokenizer.path or recipe.model.path)
         if tokenizer_source:
             tokenizer = load_tokenizer(str(tokenizer_source))
-        else:
-            tokenizer = train_tokenizer(splits.train, recipe.tokenizer, objective)
+        else:  # trained once, on the main process: every process must use the very same vocabulary
+            tokenizer = once_for_all(lambda: train_tokenizer(splits.train, recipe.tokenizer, objective))
     transformers.set_seed(recipe.run.seed)
     model = build_model(recipe, tokenizer)
 
-    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS)
     if objective == "mlm+nsp":  # pairs of sentences, each pair at most one block long
         with console.status("pairing sentences"):
             train_blocks = encode_pairs(sentence_pairs(splits.train, recipe.run.seed), tokenizer, recipe.data.block_size)
@@ -139,7 +144,8 @@ def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> tuple[d
     from llmkit.generation import continue_prompts
     from llmkit.report import Origin, Scores, plot_losses, write_model_card
     from llmkit.splits import count_chars
-    from llmkit.training import trained_model
+    from llmkit.loading import auto_model_class
+    from llmkit.training import whole_model
 
     evaluations = [row for row in trainer.state.log_history if "eval_loss" in row]
     if evaluations and evaluations[-1]["step"] == trainer.state.global_step:
@@ -149,7 +155,7 @@ def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> tuple[d
     trainer.save_model(str(run_dir))
     samples: list[str] = []
     if trainer.is_world_process_zero():
-        model = trained_model(trainer)
+        model = whole_model(trainer, run_dir, auto_model_class(recipe.train.objective))
         if recipe.train.objective == "causal" and recipe.generate.prompts:
             samples = continue_prompts(model, tokenizer, recipe.generate.prompts, recipe.generate, recipe.run.seed)
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.run.name)

@@ -20,6 +20,7 @@ from llmkit import rundir
 from llmkit.callbacks import Progress, SealCheckpoints, ShowSamples, StopOnInterrupt
 from llmkit.console import console
 from llmkit.devices import has_accelerator, training_precision
+from llmkit.distributed import is_sharded, shard_on_cpu
 from llmkit.errors import Interrupted, LlmkitError, did_you_mean
 from llmkit.recipe import load_recipe, recipe_to_dict, recipe_to_toml
 from llmkit.settings import DistributedSettings, Recipe, TrainSettings
@@ -38,6 +39,18 @@ class LlmkitTrainer(Trainer):
         self.class_weights, self.teacher, self.distill = class_weights, teacher, distill
         self.score_validation = score_validation
         self.validation_scores: dict = {}
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        shard_on_cpu(self)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # FSDP gathers, and DeepSpeed copies, each weight apart: tied weights (an output matrix that is the
+        # embeddings) come as equal copies, which transformers would save twice. Their source alone is kept.
+        if state_dict:
+            tied = getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {}
+            state_dict = {k: v for k, v in state_dict.items() if tied.get(k) not in state_dict}
+        super()._save(output_dir, state_dict)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs and self.validation_scores:
@@ -103,6 +116,15 @@ def trained_model(trainer):
     return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
 
 
+def whole_model(trainer, saved_in: Path, auto_class):
+    """The trained model whole, for the main process to generate from and describe once training is over:
+    the model itself, or when its parameters are sharded across processes (distributed.is_sharded) the
+    copy trainer.save_model gathered into `saved_in`, read back with `auto_class`."""
+    if is_sharded(trainer):
+        return auto_class.from_pretrained(saved_in)
+    return trained_model(trainer)
+
+
 def collate_blocks(rows: list[dict]) -> dict:
     """Stack equal-length packed blocks (rows in torch format: no Python lists on the hot path);
     causal LM labels are the inputs (the model shifts them)."""
@@ -122,6 +144,9 @@ def training_arguments(train: TrainSettings, distributed: DistributedSettings, s
     if distributed.strategy == "fsdp":
         strategy = {"fsdp": distributed.fsdp, "fsdp_config": distributed.fsdp_config or None}
     elif distributed.strategy == "deepspeed":
+        if not Path(distributed.deepspeed).is_file():
+            raise LlmkitError(f"distributed.deepspeed: no such file: {distributed.deepspeed} (a DeepSpeed JSON "
+                              f"config, relative to the recipe; llmkit ships recipes/deepspeed/zero2.json)")
         strategy = {"deepspeed": distributed.deepspeed}
     warmup = train.warmup_steps if train.warmup_steps < 1 else int(train.warmup_steps)
     schedule = "epoch" if train.eval_every == 0 else "steps"
@@ -196,8 +221,6 @@ def language_model_trainer(recipe: Recipe, model, tokenizer, args, train_blocks,
     if objective == "mlm+nsp" and len(train_blocks):
         tokens_per_block = sum(map(len, train_blocks["input_ids"])) / len(train_blocks)
     callbacks = [Progress(tokens_per_step(tokens_per_block, args)), *callbacks]
-    if objective == "causal" and recipe.distributed.strategy == "ddp":
-        callbacks.append(ShowSamples(tokenizer, recipe.generate, recipe.run.seed))
     nsp = {"compute_metrics": nsp_metrics, "preprocess_logits_for_metrics": nsp_predictions,
            "perplexity": False} if objective == "mlm+nsp" else {}
     trainer = LlmkitTrainer(model=model, args=args, train_dataset=train_blocks.with_format("torch"),
@@ -205,6 +228,8 @@ def language_model_trainer(recipe: Recipe, model, tokenizer, args, train_blocks,
                             data_collator=language_model_collator(recipe.train, tokenizer), callbacks=callbacks,
                             tokens_per_char=tokens_per_char, **nsp)
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
+    if objective == "causal" and not is_sharded(trainer):  # a sharded model generates on every process or none
+        trainer.add_callback(ShowSamples(tokenizer, recipe.generate, recipe.run.seed))
     return trainer
 
 

@@ -23,6 +23,21 @@ def test_the_optional_kernel_notice_of_bitsandbytes_is_dropped_and_its_other_war
     assert NOTICE not in shown and "another bitsandbytes warning" in shown
 
 
+def test_deepspeeds_notice_that_it_runs_on_the_cpu_is_dropped():
+    # DeepSpeed logs it on stdout whenever it is imported on a machine without GPUs (hidden here).
+    import os
+
+    code = "from deepspeed.accelerator import get_accelerator; print(get_accelerator().device_name())"
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
+
+    def stdout_of(program: str) -> str:
+        return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120,
+                              env=env).stdout
+
+    assert "Setting accelerator to CPU" in stdout_of(code)
+    assert stdout_of("import llmkit; " + code) == "cpu\n"
+
+
 def test_recipe_check_prints_nothing_on_stderr_and_a_pretrain_only_its_progress(tmp_path, tiny):
     """Results on stdout; on stderr llmkit's own progress lines and nothing from the libraries under it."""
     import os

@@ -49,6 +49,13 @@ def test_fsdp_strategy_passes_fsdp_options(tmp_path):
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
 
 
+def test_a_missing_deepspeed_config_is_refused_naming_the_shipped_one(tmp_path):
+    from llmkit.errors import LlmkitError
+
+    with pytest.raises(LlmkitError, match=r"^distributed.deepspeed: no such file: .*ds_zero2.json .*recipes/deepspeed/zero2.json"):
+        arguments(tmp_path, "distributed.strategy=deepspeed", f"distributed.deepspeed={tmp_path / 'ds_zero2.json'}")
+
+
 def test_gradient_checkpointing_is_passed_on(tmp_path):
     assert arguments(tmp_path, "train.gradient_checkpointing=true").gradient_checkpointing is True
 

@@ -1,0 +1,70 @@
+"""What a run launched on several processes needs beyond what Trainer and accelerate do: work done once
+on the main process and shared with the others, FSDP on CPUs, and whether the model's parameters are
+sharded across the processes.
+
+Launch with `torchrun` or `accelerate launch` (configs in recipes/accelerate/); the processes find each
+other through the launcher, and `training.training_arguments` starts the process group.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, TypeVar
+
+from llmkit.errors import LlmkitError
+
+T = TypeVar("T")
+
+
+def once_for_all(make: Callable[[], T]) -> T:
+    """make() run on the main process only, its result sent to every other process (pickled, over the
+    process group: no disk needs to be shared between machines). An LlmkitError raised there is raised on
+    every process, so that none waits for a result that will not come. Without a process group make() runs
+    here."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return make()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (make(), None)
+        except LlmkitError as error:
+            box[0] = (None, str(error))
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise LlmkitError(error)
+    return result
+
+
+def shard_on_cpu(trainer) -> None:
+    """FSDP on CPUs. accelerate applies an FSDP plugin only on accelerators (AcceleratorState leaves a CPU run
+    MULTI_CPU, that is DDP, whatever it was given), while torch's FSDP2 (`fully_shard`) also runs on CPUs over
+    gloo. So on a CPU run that asks for FSDP (distributed.strategy = "fsdp", or `accelerate launch` with an
+    FSDP config) the state is marked FSDP here, right after the Trainer made its Accelerator and before it
+    prepares the model: accelerate then shards, gathers and saves as it does on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if trainer.args.fsdp_plugin_args is not None:
+        plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate launch --config_file fsdp.yaml
+        plugin = FullyShardedDataParallelPlugin()  # read from the FSDP_* variables the launcher set
+    else:
+        return
+    # Every AcceleratorState() copies distributed_type from PartialState's shared state: both are set.
+    PartialState._shared_state["distributed_type"] = state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+
+
+def is_sharded(trainer) -> bool:
+    """Whether no single process holds the whole model (FSDP, DeepSpeed ZeRO-3): it can then neither
+    generate alone nor be used as it is after training (read the saved folder instead)."""
+    if trainer.is_fsdp_enabled:
+        return True
+    return trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
