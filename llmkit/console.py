@@ -5,6 +5,7 @@ terminal; and the libraries' own chatter kept off both."""
 import logging
 import os
 import sys
+import warnings
 
 from rich.console import Console
 
@@ -33,6 +34,7 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21
     transformers.logging.disable_progress_bar()
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
