@@ -208,7 +208,7 @@ def plan(recipe: str = RecipeArg, sets: List[str] = SetOpt,
         from llmkit import plan as task
         from llmkit.console import stdout
 
-        result = task.run(settings, task.command_of(recipe, sets), processes=nproc, measure_steps=steps)
+        result = task.run(settings, task.command_of(recipe), processes=nproc, measure_steps=steps)
         if as_json:
             typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
         else:

@@ -40,17 +40,18 @@ FSDP_SHARDS = {"full_shard": ("weights", "gradients", "optimizer"), "hybrid_shar
 ZERO_SHARDS = {0: (), 1: ("optimizer",), 2: ("gradients", "optimizer"), 3: ("weights", "gradients", "optimizer")}
 
 
-def command_of(recipe_path: str, sets: list[str]) -> str:
-    """Which command a recipe is for: finetune when it (or an --set) has a [finetune] table, pretrain when it
-    trains a Transformer from [data]; anything else is refused."""
+def command_of(recipe_path: str) -> str:
+    """Which command a recipe file is for: finetune when it (or a recipe it extends) has a [finetune] table,
+    pretrain when it has no [eval] or [quantize] table either; a recipe for those commands is refused."""
     from llmkit.recipe import find_recipe, read_layers
 
-    tables = set(read_layers(find_recipe(recipe_path), seen=())) | {key.split(".")[0] for key in sets}
+    tables = set(read_layers(find_recipe(recipe_path), seen=()))
     if "finetune" in tables:
         return "finetune"
-    if tables & {"eval", "quantize"} and "train" not in tables:
-        raise LlmkitError(f"{recipe_path}: llmkit plan covers training recipes (pretrain, finetune); this one is for "
-                          f"llmkit {'eval' if 'eval' in tables else 'quantize'}")
+    for other in ("eval", "quantize"):
+        if other in tables:
+            raise LlmkitError(f"{recipe_path}: llmkit plan covers training recipes (pretrain, finetune); this one is "
+                              f"for llmkit {other}")
     return "pretrain"
 
 
@@ -82,11 +83,12 @@ def run(recipe: Recipe, command: str, processes: int | None = None, measure_step
     }
     if measure_steps:
         with console.status(f"timing {measure_steps} training steps"):
-            seconds = measure_step(recipe, command, model, tokenizer, length, measure_steps)
+            seconds, peak = measure_step(recipe, command, model, tokenizer, length, measure_steps)
         steps = plan["tokens"]["steps"]
         plan["time"] = {"measured_steps": measure_steps, "warmup_steps": WARMUP_STEPS, "device": pick_device(),
                         "seconds_per_step": round(seconds, 4),
-                        "estimated_seconds": None if steps is None else round(seconds * steps, 1)}
+                        "estimated_seconds": None if steps is None else round(seconds * steps, 1),
+                        "measured_peak_bytes": peak}
     return plan
 
 
@@ -248,9 +250,10 @@ def tokens(recipe: Recipe, length: int, world: int, examples: int | None) -> dic
 # ---------------------------------------------------------------- timing
 
 
-def measure_step(recipe: Recipe, command: str, model, tokenizer, length: int, steps: int) -> float:
+def measure_step(recipe: Recipe, command: str, model, tokenizer, length: int, steps: int) -> tuple[float, int | None]:
     """Seconds per optimizer step: WARMUP_STEPS, then `steps` timed, through llmkit's Trainer with the recipe's
-    batch, accumulation and precision, on random tokens (one process: [distributed] is not applied)."""
+    batch, accumulation and precision, on random tokens (one process: [distributed] is not applied); and on a
+    CUDA GPU the peak of the memory torch allocated meanwhile (None elsewhere: CPUs report no such figure)."""
     import datasets
     import torch
     from transformers import PrinterCallback, TrainerCallback, default_data_collator
@@ -277,8 +280,11 @@ def measure_step(recipe: Recipe, command: str, model, tokenizer, length: int, st
                                 data_collator=mlm_collator(recipe, command, tokenizer) or default_data_collator,
                                 callbacks=[clock])
         trainer.remove_callback(PrinterCallback)
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         trainer.train()
-    return (clock.end - clock.start) / steps
+    return (clock.end - clock.start) / steps, torch.cuda.max_memory_allocated() if cuda else None
 
 
 def random_rows(recipe: Recipe, command: str, model, tokenizer, length: int) -> dict:
@@ -358,6 +364,9 @@ def show(plan: dict, console) -> None:
         table.add_row("seconds per step", f"{timing['seconds_per_step']:.3f}",
                       f"measured here: {timing['measured_steps']} steps after {timing['warmup_steps']} warm-up, "
                       f"{timing['device']}, {plan['precision']['name']}, one process, random tokens")
+        if timing["measured_peak_bytes"] is not None:
+            table.add_row("memory: measured peak", megabytes(timing["measured_peak_bytes"]),
+                          "torch.cuda.max_memory_allocated over those steps, one process (no sharding)")
         estimate = timing["estimated_seconds"]
         table.add_row("estimated wall time", "-" if estimate is None else duration(estimate),
                       "training steps only, on this machine (evaluation, saving and data preparation not counted)")

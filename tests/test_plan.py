@@ -5,6 +5,7 @@ recipe, bad input."""
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from llmkit import load_recipe, plan
@@ -118,6 +119,12 @@ def test_the_time_estimate_is_measured_and_scales_with_steps(one_thread):
         assert timing["seconds_per_step"] > 0
         assert timing["estimated_seconds"] == pytest.approx(timing["seconds_per_step"] * steps, abs=0.1)
     assert 3 < long["estimated_seconds"] / short["estimated_seconds"] < 30  # 10x the steps; timing noise aside
+    if torch.cuda.is_available():  # the peak holds at least the weights, gradients and optimizer state
+        planned = pretrain_plan(steps=1)
+        held = sum(planned["memory_per_device"][part] for part in ("weights", "gradients", "optimizer"))
+        assert planned["time"]["measured_peak_bytes"] >= held
+    else:  # CPUs report no peak: none is made up
+        assert short["measured_peak_bytes"] is None
 
 
 def test_a_deepspeed_config_that_cannot_be_read(tmp_path):
@@ -125,6 +132,7 @@ def test_a_deepspeed_config_that_cannot_be_read(tmp_path):
         pretrain_plan("distributed.strategy=deepspeed", f"distributed.deepspeed={tmp_path / 'none.json'}", processes=2)
 
 
+@pytest.mark.slow  # a step of every training recipe, their data read: about a minute
 def test_every_shipped_recipe_plans_or_says_why_not(tmp_path, base_model, one_thread):
     """Cheap settings for every recipe; the ones that do not train are refused in one line."""
     shrink = ["data.block_size=16", "finetune.max_length=16", "train.batch_size=2", "train.gradient_accumulation=1",
