@@ -107,14 +107,16 @@ def keep_outputs_in_autocast_dtype(model) -> None:
     """Undo accelerate's copy of every output of a mixed-precision forward to fp32 (its ConvertOutputsToFp32
     wrapper; autocast stays). A language model computes its loss in fp32 inside the forward already, so the copy
     only converts the logits, batch x length x vocabulary, which nothing reads: on a CPU that copy and its
-    allocation took ~10% of a quickstart training step (bench/pretrain_throughput.py)."""
+    allocation cost a quickstart step ~13% more CPU time (bench/pretrain_throughput.py, README). Under DDP the
+    wrapper is on the module inside."""
     from types import MethodType
 
     from accelerate.utils.operations import ConvertOutputsToFp32
 
-    converter = getattr(getattr(model.forward, "__func__", None), "__wrapped__", None)
+    module = getattr(model, "module", model)
+    converter = getattr(getattr(module.forward, "__func__", None), "__wrapped__", None)
     if isinstance(converter, ConvertOutputsToFp32):
-        model.forward = MethodType(converter.model_forward, model)
+        module.forward = MethodType(converter.model_forward, module)
 
 
 def trained_model(trainer):
