@@ -93,10 +93,11 @@ def test_mixed_precision_logits_stay_in_bf16_and_the_loss_is_unchanged():
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
     torch.manual_seed(0)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer before chose its own precision
     try:
         model = Accelerator(cpu=True, mixed_precision="bf16").prepare(transformers.LlamaForCausalLM(config))
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)  # later Trainers choose their own precision
+        AcceleratorState._reset_state(reset_partial_state=True)  # and so will the Trainers after
     ids = torch.randint(0, len(tokenizer), (2, 16))
     before = model(input_ids=ids, labels=ids)
     keep_outputs_in_autocast_dtype(model)
