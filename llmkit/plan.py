@@ -64,9 +64,11 @@ def run(recipe: Recipe, command: str, processes: int | None = None, measure_step
     from llmkit.devices import pick_device, training_precision
 
     quiet_libraries()
-    world = processes if processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    given = processes if processes is not None else os.environ.get("WORLD_SIZE", "1")
+    world = int(given) if str(given).isdigit() else 0
     if world < 1:
-        raise LlmkitError(f"--nproc must be at least 1, got {world}")
+        source = "--nproc" if processes is not None else "WORLD_SIZE"
+        raise LlmkitError(f"{source} must be a whole number of processes, at least 1, got {given!r}")
     transformers.set_seed(recipe.run.seed)
     with console.status("building the model"):
         model, tokenizer, examples, vocabulary = (pretrain_model if command == "pretrain" else finetune_model)(recipe)
@@ -294,12 +296,12 @@ def random_rows(recipe: Recipe, command: str, model, tokenizer, length: int) -> 
     count = recipe.train.batch_size * recipe.train.gradient_accumulation * (WARMUP_STEPS + 2)
     generator = torch.Generator().manual_seed(recipe.run.seed)
     ids = torch.randint(0, len(tokenizer), (count, length), generator=generator)
-    if command == "pretrain":
-        if recipe.train.objective == "mlm+nsp":
+    if command == "pretrain":  # masked objectives: the collator masks the inputs and makes the labels
+        objective = recipe.train.objective
+        if objective == "mlm+nsp":
             return {"input_ids": ids.tolist(), "token_type_ids": torch.zeros_like(ids).tolist(),
                     "next_sentence_label": torch.randint(0, 2, (count,), generator=generator).tolist()}
-        return {"input_ids": ids.tolist()} if recipe.train.objective != "causal" else {"input_ids": ids.tolist(),
-                                                                                        "labels": ids.tolist()}
+        return {"input_ids": ids.tolist(), **({"labels": ids.tolist()} if objective == "causal" else {})}
     head = tasks.TASKS[recipe.finetune.task].head
     columns = {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
     labels = getattr(model.config, "num_labels", 2)

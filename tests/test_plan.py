@@ -111,6 +111,9 @@ def test_world_size_from_the_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert pretrain_plan()["processes"] == 3
     assert pretrain_plan(processes=2)["processes"] == 2
+    monkeypatch.setenv("WORLD_SIZE", "many")
+    with pytest.raises(LlmkitError, match="WORLD_SIZE must be a whole number of processes, at least 1, got 'many'"):
+        pretrain_plan()
 
 
 def test_the_time_estimate_is_measured_and_scales_with_steps(one_thread):
@@ -173,7 +176,7 @@ def test_cli_table_and_json(one_thread):
     (["plan", "no-such-recipe"], "recipe not found: no-such-recipe"),
     (["plan", "pretrain-zh-tiny", "--set", "train.batch_size=0"], "train.batch_size must be"),
     (["plan", "pretrain-zh-tiny", "--steps", "-1"], "--steps must be 0 or more"),
-    (["plan", "pretrain-zh-tiny", "--nproc", "0"], "--nproc must be at least 1"),
+    (["plan", "pretrain-zh-tiny", "--nproc", "0"], "--nproc must be a whole number of processes, at least 1, got 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(arguments, message):
     result = runner.invoke(app, arguments)
