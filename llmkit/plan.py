@@ -280,7 +280,7 @@ def measure_step(recipe: Recipe, command: str, model, tokenizer, length: int, st
                                   save_strategy="no", remove_unused_columns=False, report_to="none")
         trainer = LlmkitTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows),
                                 data_collator=mlm_collator(recipe, command, tokenizer) or default_data_collator,
-                                callbacks=[clock])
+                                callbacks=[clock], fp32_outputs=command != "pretrain")  # as the command trains
         trainer.remove_callback(PrinterCallback)
         cuda = torch.cuda.is_available()
         if cuda:
