@@ -1,13 +1,21 @@
-"""Training throughput of `llmkit pretrain` against a plain PyTorch loop, per precision, in one run.
+"""Training throughput of llmkit's Trainer path against a plain PyTorch loop over the same model, honestly.
 
-Both train the quickstart model (recipes/pretrain-zh-tiny.toml) on the same packed blocks with the same
-batch size, optimizer and schedule, for the same number of steps, on the same device and in the same
-precision (bf16: mixed precision, torch.autocast, in both); they alternate (plain, llmkit, plain, llmkit,
-...) so that machine noise hits both. fp32 always; bf16 too where this CPU computes in it natively (or
-with --precisions). Also printed: llmkit's validation loss per char after those steps in each
-precision (is bf16 as good?), and what `train.precision = "auto"` picks here, and why.
+Both arms train the quickstart model (recipes/pretrain-zh-tiny.toml, or --recipe) built from the same config and
+seed, on the same packed blocks, on the same device and in the same precision: the one llmkit picks
+(llmkit.devices; --precision to force one), as autocast around the forward pass in both. Both count the same
+tokens: block_size x batch_size x gradient_accumulation per optimizer step. The rounds alternate, llmkit then
+plain, so that machine noise hits both; each arm is timed in steady state, from the end of its --warmup-th step
+to the end of its last, and the ratio llmkit / plain is taken per round: its median and spread (min-max and
+interquartile range) are printed, with JSON beside; by the wall clock, and by this process's CPU time, which other
+jobs on a shared machine do not inflate (with one thread the CPU time is the work done).
 
-    python bench/pretrain_throughput.py [--steps 100] [--rounds 2] [--precisions fp32,bf16] [--set KEY=VALUE ...]
+    llmkit arm: llmkit.training.language_model_trainer + train_resumably, as `llmkit pretrain` trains
+                (Progress, metrics.jsonl, checkpoint seals, Ctrl-C safety; no evaluation or saving in the window)
+    plain arm:  model(input_ids, labels) -> backward -> clip -> fused AdamW step -> cosine schedule, batches
+                sliced from one shuffled tensor, loss.item() every log_every steps
+
+    OMP_NUM_THREADS=1 taskset -c 1 python bench/pretrain_throughput.py [--rounds 3] [--steps 40] [--warmup 5]
+        [--precision auto|fp32|bf16] [--set KEY=VALUE ...] [--json results.json]
 """
 
 from __future__ import annotations
@@ -23,34 +31,59 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
-from llmkit import load_recipe, pretrain
+from llmkit import load_recipe
+from llmkit.callbacks import MetricsFile
+from llmkit.console import quiet_libraries
 from llmkit.data import load_text_splits, pack_blocks
-from llmkit.devices import cpu_bf16_features, pick_device, training_precision
+from llmkit.devices import pick_device, training_precision
 from llmkit.loading import build_model
-from llmkit.tokenizer import load_tokenizer
-
-WARMUP_STEPS = 10  # both sides are timed from the end of this step to the end of the last (steady state)
+from llmkit.tokenizer import train_tokenizer
+from llmkit.training import language_model_trainer, train_resumably, training_arguments
 
 
 class StepClock(TrainerCallback):
+    """The clocks at the end of the warm-up step and of the last step (GPU work finished first)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end = warmup, None, None
+
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == WARMUP_STEPS:
-            self.start = time.perf_counter()
-        self.end = time.perf_counter()
+        synchronize()
+        if state.global_step == self.warmup:
+            self.start = clocks()
+        self.end = clocks()
 
 
-def llmkit_run(recipe, workdir: Path, name: str) -> tuple[float, float]:
-    """(steady-state tokens/s, validation loss per char after the run)."""
-    recipe.run.output_dir, recipe.run.name = str(workdir), name
-    clock = StepClock()
-    result = pretrain.run(recipe, callbacks=[clock])
-    rate = tokens_per_step(recipe) * (recipe.train.max_steps - WARMUP_STEPS) / (clock.end - clock.start)
-    return rate, result.metrics["eval_loss_per_char"]
+def clocks() -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process): on a machine shared with other jobs the wall clock
+    counts the time they take the cores too; the CPU time counts this process's own work only."""
+    return time.perf_counter(), time.process_time()
 
 
-def plain_tokens_per_second(recipe, tokenizer, blocks, precision: str) -> float:
-    """The textbook loop on llmkit's device: fused AdamW (Trainer's default), warm-up + cosine, gradient
-    clipping, shuffled batches; bf16 as Trainer does it (autocast around the forward pass)."""
+def elapsed(start: tuple[float, float], end: tuple[float, float]) -> tuple[float, float]:
+    return end[0] - start[0], end[1] - start[1]
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def llmkit_arm(recipe, tokenizer, blocks, warmup: int, workdir: Path) -> tuple[tuple[float, float], float]:
+    """((wall, CPU) seconds of the steady-state steps, the last logged training loss) of llmkit's training path."""
+    transformers.set_seed(recipe.run.seed)
+    model = build_model(recipe, tokenizer)
+    args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, workdir / "checkpoints")
+    clock = StepClock(warmup)
+    trainer = language_model_trainer(recipe, model, tokenizer, args, blocks, blocks.select(range(1)), None,
+                                     callbacks=[MetricsFile(workdir / "metrics.jsonl"), clock])
+    train_resumably(trainer, workdir, False, "pretrain")
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return elapsed(clock.start, clock.end), losses[-1] if losses else float("nan")
+
+
+def plain_arm(recipe, tokenizer, blocks, warmup: int, precision) -> tuple[tuple[float, float], float]:
+    """((wall, CPU) seconds of the steady-state steps, the last training loss) of the textbook loop."""
     transformers.set_seed(recipe.run.seed)
     device = pick_device("auto")
     model = build_model(recipe, tokenizer).to(device).train()
@@ -60,83 +93,111 @@ def plain_tokens_per_second(recipe, tokenizer, blocks, precision: str) -> float:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=train.learning_rate, betas=(0.9, train.adam_beta2), fused=True)
+    warmup_steps = int(train.warmup_steps * train.max_steps) if train.warmup_steps < 1 else int(train.warmup_steps)
     schedule = transformers.get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, int(train.warmup_steps * train.max_steps), train.max_steps, min_lr_rate=train.min_lr_ratio)
-    data = torch.tensor(blocks["input_ids"], dtype=torch.long, device=device)
+        optimizer, warmup_steps, train.max_steps, min_lr_rate=train.min_lr_ratio)
+    data = torch.as_tensor(blocks["input_ids"], dtype=torch.long, device=device)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(recipe.run.seed)).to(device)
+    micro, last_loss = train.batch_size, float("nan")
     for step in range(train.max_steps):
-        if step == WARMUP_STEPS:
-            start = time.perf_counter()
-        batch = data[order[(torch.arange(train.batch_size, device=device) + step * train.batch_size) % len(data)]]
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+        for part in range(train.gradient_accumulation):
+            first = (step * train.gradient_accumulation + part) * micro
+            batch = data[order[(torch.arange(micro, device=device) + first) % len(data)]]
+            with torch.autocast(device.split(":")[0], dtype=precision.dtype, enabled=precision.name != "fp32"):
+                loss = model(input_ids=batch, labels=batch).loss / train.gradient_accumulation
+            loss.backward()
+        if train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % train.log_every == 0:
-            loss.item()  # what any loop that logs pays too
-    return tokens_per_step(recipe) * (train.max_steps - WARMUP_STEPS) / (time.perf_counter() - start)
+        if (step + 1) % train.log_every == 0:
+            last_loss = loss.item() * train.gradient_accumulation  # what any loop that logs pays too
+        synchronize()
+        if step + 1 == warmup:
+            start = clocks()
+    return elapsed(start, clocks()), last_loss
 
 
-def tokens_per_step(recipe) -> int:
-    return recipe.data.block_size * recipe.train.batch_size * recipe.train.gradient_accumulation
+def spread(values: list[float]) -> dict:
+    quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "q1": round(quartiles[0], 3), "q3": round(quartiles[2], 3)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--precisions", default=None,
-                        help="comma-separated (default: fp32, and bf16 where this CPU has it natively)")
+    parser.add_argument("--recipe", default="pretrain-zh-tiny")
+    parser.add_argument("--rounds", type=int, default=3, help="llmkit/plain pairs (default 3)")
+    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per arm and round (default 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    parser.add_argument("--precision", default="auto", help="auto (llmkit's rule), fp32, bf16 or fp16")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the JSON to this file")
     options = parser.parse_args()
-    precisions = (options.precisions.split(",") if options.precisions
-                  else ["fp32", "bf16"] if cpu_bf16_features() or torch.cuda.is_available() else ["fp32"])
-    overrides = [f"train.max_steps={options.steps}", f"train.eval_every={10 * options.steps}",
-                 f"train.save_every={10 * options.steps}", "generate.prompts=[]", *options.sets]
+    quiet_libraries()
+    total = options.warmup + options.steps
+    recipe = load_recipe(options.recipe, [f"train.max_steps={total}", f"train.eval_every={10 * total}",
+                                          f"train.save_every={10 * total}", "generate.prompts=[]",
+                                          f"train.precision={options.precision}", *options.sets])
+    precision = training_precision(recipe.train.precision)
+    splits = load_text_splits(recipe.data)
+    tokenizer = train_tokenizer(splits.train, recipe.tokenizer, recipe.train.objective)
+    blocks, _ = pack_blocks(splits.train, tokenizer, recipe.data.block_size)
+    blocks = blocks.with_format(None)
+    tokens_per_step = recipe.data.block_size * recipe.train.batch_size * recipe.train.gradient_accumulation
+    arms = {"llmkit": lambda workdir: llmkit_arm(recipe, tokenizer, blocks, options.warmup, workdir),
+            "plain": lambda workdir: plain_arm(recipe, tokenizer, blocks, options.warmup, precision)}
+    rates = {(arm, clock): [] for arm in arms for clock in ("wall", "cpu")}
+    losses: dict[str, list[float]] = {arm: [] for arm in arms}
+    for round_index in range(options.rounds):
+        for arm, train in arms.items():  # llmkit, plain, llmkit, plain, ...
+            with tempfile.TemporaryDirectory() as workdir:
+                (wall, cpu), loss = train(Path(workdir))
+            rates[arm, "wall"].append(tokens_per_step * options.steps / wall)
+            rates[arm, "cpu"].append(tokens_per_step * options.steps / cpu)
+            losses[arm].append(loss)
+        print(f"round {round_index + 1}: llmkit {rates['llmkit', 'wall'][-1]:,.0f} tok/s, plain "
+              f"{rates['plain', 'wall'][-1]:,.0f} tok/s (wall clock); per CPU second: llmkit "
+              f"{rates['llmkit', 'cpu'][-1]:,.0f}, plain {rates['plain', 'cpu'][-1]:,.0f}", flush=True)
+    ratios = {clock: [a / b for a, b in zip(rates["llmkit", clock], rates["plain", clock])] for clock in ("wall", "cpu")}
+    result = {
+        "recipe": options.recipe, "device": pick_device("auto"), "precision": precision.name,
+        "precision_reason": precision.reason, "threads": torch.get_num_threads(), "rounds": options.rounds,
+        "timed_steps": options.steps, "warmup_steps": options.warmup, "tokens_per_step": tokens_per_step,
+        "llmkit_tokens_per_s": spread(rates["llmkit", "wall"]), "plain_tokens_per_s": spread(rates["plain", "wall"]),
+        "ratio": spread(ratios["wall"]), "ratio_each_round": [round(r, 3) for r in ratios["wall"]],
+        "llmkit_tokens_per_cpu_s": spread(rates["llmkit", "cpu"]),
+        "plain_tokens_per_cpu_s": spread(rates["plain", "cpu"]),
+        "ratio_cpu": spread(ratios["cpu"]), "ratio_cpu_each_round": [round(r, 3) for r in ratios["cpu"]],
+        "last_loss": {arm: [None if x != x else round(x, 4) for x in values] for arm, values in losses.items()},
+    }
+    show(result)
+    text = json.dumps(result)
+    print(text)
+    if options.json_path:
+        Path(options.json_path).write_text(text + "\n", encoding="utf-8")
 
-    def recipe_in(precision: str):
-        return load_recipe("pretrain-zh-tiny", [*overrides, f"train.precision={precision}"])
 
-    llmkit_rates = {p: [] for p in precisions}
-    plain_rates = {p: [] for p in precisions}
-    loss_per_char = {}
-    with tempfile.TemporaryDirectory() as workdir:
-        # The first run trains the tokenizer; the plain loop reuses it and its packed blocks.
-        rate, loss_per_char[precisions[0]] = llmkit_run(recipe_in(precisions[0]), Path(workdir), "first")
-        llmkit_rates[precisions[0]].append(rate)
-        tokenizer = load_tokenizer(str(Path(workdir) / "first"))
-        data = recipe_in("fp32").data
-        blocks, _ = pack_blocks(load_text_splits(data).train, tokenizer, data.block_size)
-        for round_index in range(options.rounds):
-            for precision in precisions:
-                plain_rates[precision].append(plain_tokens_per_second(recipe_in(precision), tokenizer, blocks,
-                                                                      precision))
-                if len(llmkit_rates[precision]) <= round_index:
-                    rate, loss_per_char[precision] = llmkit_run(recipe_in(precision), Path(workdir),
-                                                                f"{precision}-{round_index}")
-                    llmkit_rates[precision].append(rate)
-    auto = training_precision("auto")
-    rows = {p: {"llmkit_tokens_per_s": round(statistics.median(llmkit_rates[p])),
-                "plain_tokens_per_s": round(statistics.median(plain_rates[p])),
-                "ratio": round(statistics.median(llmkit_rates[p]) / statistics.median(plain_rates[p]), 3),
-                "ratio_each_round": [round(a / b, 3) for a, b in zip(llmkit_rates[p], plain_rates[p])],
-                "loss_per_char": round(loss_per_char[p], 4)} for p in precisions}
-    print(f"{options.steps} steps of the quickstart model, {options.rounds} rounds, {torch.get_num_threads()} threads; "
-          f"steady state after {WARMUP_STEPS} steps")
-    print(f"{'precision':10} {'llmkit tok/s':>13} {'plain tok/s':>12} {'llmkit/plain':>13} {'loss/char':>10}")
-    for p, row in rows.items():
-        print(f"{p:10} {row['llmkit_tokens_per_s']:13,} {row['plain_tokens_per_s']:12,} {row['ratio']:13.3f} "
-              f"{row['loss_per_char']:10.4f}")
-    if "bf16" in rows and "fp32" in rows:
-        speedup = rows["bf16"]["llmkit_tokens_per_s"] / rows["fp32"]["llmkit_tokens_per_s"]
-        print(f"bf16 / fp32 (llmkit): {speedup:.2f}x the speed, loss/char "
-              f"{rows['bf16']['loss_per_char'] - rows['fp32']['loss_per_char']:+.4f}")
-    print(f'auto here: {auto.name} ({auto.reason})')
-    print(json.dumps({"steps": options.steps, "rounds": options.rounds, "threads": torch.get_num_threads(),
-                      "auto": {"precision": auto.name, "reason": auto.reason}, "precisions": rows}))
+def show(result: dict) -> None:
+    from rich.table import Table
+
+    from llmkit.console import stdout
+
+    table = Table(title=f"{result['recipe']}: {result['rounds']} rounds x {result['timed_steps']} steps after "
+                        f"{result['warmup_steps']} warm-up, {result['device']}, {result['precision']}, "
+                        f"{result['threads']} thread(s)")
+    for column in ("", "median", "min", "max", "IQR"):
+        table.add_column(column, justify="right" if column else "left")
+    for label, key, form in (("llmkit tok/s", "llmkit_tokens_per_s", "{:,.0f}"),
+                             ("plain tok/s", "plain_tokens_per_s", "{:,.0f}"), ("llmkit / plain", "ratio", "{:.3f}"),
+                             ("llmkit tok per CPU s", "llmkit_tokens_per_cpu_s", "{:,.0f}"),
+                             ("plain tok per CPU s", "plain_tokens_per_cpu_s", "{:,.0f}"),
+                             ("llmkit / plain (CPU time)", "ratio_cpu", "{:.3f}")):
+        row = result[key]
+        table.add_row(label, *(form.format(row[k]) for k in ("median", "min", "max")),
+                      f"{form.format(row['q1'])} - {form.format(row['q3'])}")
+    stdout.print(table)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,31 @@ def finetune(recipe: str = RecipeArg, sets: List[str] = SetOpt, overwrite: bool 
         task.run(settings, overwrite=overwrite, resume=resume, force=force)
 
 
+@app.command(epilog="Examples:\n\n  llmkit plan pretrain-zh-tiny\n\n"
+                    "  llmkit plan pretrain-gpu-llama --nproc 8 --set distributed.strategy=fsdp\n\n"
+                    "  llmkit plan classify --json > plan.json")
+def plan(recipe: str = RecipeArg, sets: List[str] = SetOpt,
+         nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes the run will have (default: "
+                                                                   "$WORLD_SIZE, else 1)."),
+         steps: int = typer.Option(10, "--steps", help="Training steps to time here (0: none)."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table.")):
+    """Before a long run: parameters, memory per device, tokens, and the wall time measured on a few steps."""
+    with reporting_errors():
+        from llmkit.recipe import load_recipe
+
+        settings = load_recipe(recipe, sets)
+        if steps < 0:
+            raise LlmkitError(f"--steps must be 0 or more, got {steps}")
+        from llmkit import plan as task
+        from llmkit.console import stdout
+
+        result = task.run(settings, task.command_of(recipe), processes=nproc, measure_steps=steps)
+        if as_json:
+            typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
+        else:
+            task.show(result, stdout)
+
+
 @app.command(epilog="Examples:\n\n  llmkit quantize quantize-nf4\n\n"
                     "  llmkit quantize --model runs/pretrain-zh-tiny --method nf4 --output runs/tiny-nf4\n\n"
                     "  llmkit quantize prune --set quantize.structure=mlp-units --set quantize.sparsity=0.25")

@@ -43,6 +43,7 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21
     transformers.logging.disable_progress_bar()
     # DeepSpeed's ZeRO gathers with a torch function that torch 2.13 deprecates: its warning, at every step.
     warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated",

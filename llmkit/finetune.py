@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,6 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     from llmkit.training import run_folder
 
     quiet_libraries()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21
     settings = recipe.finetune
     run_dir = rundir.run_dir_for(recipe.run.output_dir, recipe.run.name)
     if settings.method != "full" and not recipe.model.path:

@@ -32,8 +32,9 @@ class LlmkitTrainer(Trainer):
     `llmkit eval` scores (accuracy, entity F1, EM/F1) at every evaluation."""
 
     def __init__(self, *args, tokens_per_char: float | None = None, perplexity: bool = True, class_weights=None,
-                 teacher=None, distill=None, score_validation=None, **kwargs):
+                 teacher=None, distill=None, score_validation=None, fp32_outputs: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.fp32_outputs = fp32_outputs  # False: a mixed-precision forward's outputs stay in bf16/fp16
         self.tokens_per_char = tokens_per_char
         self.perplexity = perplexity  # False for classifiers: their loss is not a language model's
         self.class_weights, self.teacher, self.distill = class_weights, teacher, distill
@@ -63,6 +64,11 @@ class LlmkitTrainer(Trainer):
                 # with different tokenizers compare.
                 logs["eval_loss_per_char"] = logs["eval_loss"] * self.tokens_per_char
         super().log(logs, start_time)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.fp32_outputs:
+            keep_outputs_in_autocast_dtype(model)
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.class_weights is None and self.teacher is None:
@@ -108,6 +114,22 @@ class LlmkitTrainer(Trainer):
             self.validation_scores = self.score_validation(self.model)
             self.model.train(was_training)
         return super().evaluate(*args, **kwargs)
+
+
+def keep_outputs_in_autocast_dtype(model) -> None:
+    """Undo accelerate's copy of every output of a mixed-precision forward to fp32 (its ConvertOutputsToFp32
+    wrapper; autocast stays). A language model computes its loss in fp32 inside the forward already, so the copy
+    only converts the logits, batch x length x vocabulary, which nothing reads: on a CPU that copy and its
+    allocation cost a quickstart step ~13% more CPU time (bench/pretrain_throughput.py, README). Under DDP the
+    wrapper is on the module inside."""
+    from types import MethodType
+
+    from accelerate.utils.operations import ConvertOutputsToFp32
+
+    module = getattr(model, "module", model)
+    converter = getattr(getattr(module.forward, "__func__", None), "__wrapped__", None)
+    if isinstance(converter, ConvertOutputsToFp32):
+        module.forward = MethodType(converter.model_forward, module)
 
 
 def trained_model(trainer):
@@ -226,7 +248,8 @@ def language_model_trainer(recipe: Recipe, model, tokenizer, args, train_blocks,
     trainer = LlmkitTrainer(model=model, args=args, train_dataset=train_blocks.with_format("torch"),
                             eval_dataset=eval_blocks.with_format("torch"),
                             data_collator=language_model_collator(recipe.train, tokenizer), callbacks=callbacks,
-                            tokens_per_char=tokens_per_char, **nsp)
+                            tokens_per_char=tokens_per_char,
+                            fp32_outputs=False, **nsp)  # evaluation reads the loss, nsp_predictions upcasts
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
     if objective == "causal" and not is_sharded(trainer):  # a sharded model generates on every process or none
         trainer.add_callback(ShowSamples(tokenizer, recipe.generate, recipe.run.seed))

@@ -13,7 +13,7 @@ import llmkit
 PACKAGE = Path(llmkit.__file__).parent
 TESTS = Path(__file__).parent
 COMMANDS = {"llmkit.pretrain", "llmkit.finetune", "llmkit.quantize", "llmkit.generate", "llmkit.evaluate",
-            "llmkit.export", "llmkit.serve"}
+            "llmkit.export", "llmkit.serve", "llmkit.plan"}
 ENTRY_POINTS = {"llmkit.cli", "llmkit.__main__"}
 
 

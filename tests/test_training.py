@@ -84,3 +84,32 @@ def test_tensorboard_receives_the_losses_of_metrics_jsonl(tiny, tmp_path):
     assert len(logged) == len(expected) == 6
     assert [step for step, _ in logged] == [step for step, _ in expected]
     assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6)
+
+
+def test_mixed_precision_logits_stay_in_bf16_and_the_loss_is_unchanged():
+    """accelerate's fp32 copy of a bf16 forward's outputs is undone; autocast and the fp32 loss stay."""
+    import torch
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from llmkit.training import keep_outputs_in_autocast_dtype
+    from tests.conftest import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer before chose its own precision
+    try:
+        model = Accelerator(cpu=True, mixed_precision="bf16").prepare(transformers.LlamaForCausalLM(config))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # and so will the Trainers after
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    before = model(input_ids=ids, labels=ids)
+    keep_outputs_in_autocast_dtype(model)
+    after = model(input_ids=ids, labels=ids)
+    assert before.logits.dtype == torch.float32 and after.logits.dtype == torch.bfloat16
+    assert after.loss.dtype == torch.float32 and after.loss.item() == pytest.approx(before.loss.item())
+    keep_outputs_in_autocast_dtype(model)  # a second call (every training step) changes nothing
+    assert model(input_ids=ids, labels=ids).logits.dtype == torch.bfloat16
