@@ -25,17 +25,18 @@ def steps_within(minutes: float, seconds_per_step: float, ceiling: int) -> int:
     return max(1, min(ceiling, int(minutes * 60 / seconds_per_step)))
 
 
-def seconds_per_step(model, batches, train: TrainSettings, dtype, device: str) -> float:
+def seconds_per_step(model, batches, train: TrainSettings, dtype, device: str, steps: int = TIMED_STEPS) -> float:
     """The time of one optimizer step (train.gradient_accumulation micro-batches from `batches`, an
-    iterable of model inputs), measured on a copy of `model` (its weights stay untouched) with AdamW,
-    gradient clipping and autocast to `dtype` (torch.float32: none) as the Trainer trains."""
+    iterable of model inputs), the mean of `steps` after WARMUP_STEPS, measured on a copy of `model` (its
+    weights stay untouched) with AdamW, gradient clipping and autocast to `dtype` (torch.float32: none) as
+    the Trainer trains (which adds a few percent: logging, callbacks)."""
     import torch
 
     probe = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.AdamW(probe.parameters(), lr=train.learning_rate, betas=(0.9, train.adam_beta2),
                                   weight_decay=train.weight_decay)
     micro_batches = iter(endless(batches))
-    for step in range(WARMUP_STEPS + TIMED_STEPS):
+    for step in range(WARMUP_STEPS + steps):
         if step == WARMUP_STEPS:
             synchronize(device)
             start = time.perf_counter()
@@ -49,7 +50,7 @@ def seconds_per_step(model, batches, train: TrainSettings, dtype, device: str) -
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     synchronize(device)
-    return (time.perf_counter() - start) / TIMED_STEPS
+    return (time.perf_counter() - start) / steps
 
 
 def endless(batches):

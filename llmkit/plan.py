@@ -22,15 +22,12 @@ import json
 import math
 import os
 import re
-import tempfile
-import time
 from pathlib import Path
 
-from llmkit import tasks
+from llmkit import budget, tasks
 from llmkit.errors import LlmkitError
 from llmkit.settings import DistributedSettings, Recipe
 
-WARMUP_STEPS = 2  # untimed steps before the measured ones (allocations, first-call overheads)
 OPTIMIZER_BYTES = 8  # AdamW: two fp32 moments per trainable parameter
 LAYER = re.compile(r"\.(layers|layer|h|block)\.\d+\.")  # the repeated blocks of transformers' models
 EMBEDDING = re.compile(r"embed|wte|wpe|shared")
@@ -82,12 +79,16 @@ def run(recipe: Recipe, command: str, processes: int | None = None, measure_step
         "processes": world, "strategy": recipe.distributed.strategy, "sharded": list(shards),
         "precision": {"name": precision.name, "reason": precision.reason},
         "tokens": tokens(recipe, length, world, examples),
+        "budget_minutes": recipe.train.max_minutes,
     }
     if measure_steps:
         with console.status(f"timing {measure_steps} training steps"):
             seconds, peak = measure_step(recipe, command, model, tokenizer, length, measure_steps)
+        if recipe.train.max_minutes:  # a time budget: the run takes the steps that fit, as timed here
+            plan["tokens"] = tokens(recipe, length, world, examples,
+                                    budget.steps_within(recipe.train.max_minutes, seconds, recipe.train.max_steps))
         steps = plan["tokens"]["steps"]
-        plan["time"] = {"measured_steps": measure_steps, "warmup_steps": WARMUP_STEPS, "device": pick_device(),
+        plan["time"] = {"measured_steps": measure_steps, "warmup_steps": budget.WARMUP_STEPS, "device": pick_device(),
                         "seconds_per_step": round(seconds, 4),
                         "estimated_seconds": None if steps is None else round(seconds * steps, 1),
                         "measured_peak_bytes": peak}
@@ -236,12 +237,12 @@ def fused_attention(config) -> bool:
     return getattr(config, "_attn_implementation", "eager") in ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
-def tokens(recipe: Recipe, length: int, world: int, examples: int | None) -> dict:
-    """Tokens per optimizer step over every process, the steps, and the tokens in all (None: unknown before the
-    data is packed, for a pretraining run counted in epochs)."""
+def tokens(recipe: Recipe, length: int, world: int, examples: int | None, steps: int | None = None) -> dict:
+    """Tokens per optimizer step over every process, the steps (`steps`, else the recipe's), and the tokens in
+    all (None: unknown before the data is packed, for a pretraining run counted in epochs)."""
     train = recipe.train
     sequences = train.batch_size * train.gradient_accumulation * world
-    steps = train.max_steps
+    steps = steps or train.max_steps
     if train.epochs:
         steps = None if examples is None else math.ceil(train.epochs * math.ceil(examples / sequences))
     per_step = sequences * length
@@ -253,47 +254,33 @@ def tokens(recipe: Recipe, length: int, world: int, examples: int | None) -> dic
 
 
 def measure_step(recipe: Recipe, command: str, model, tokenizer, length: int, steps: int) -> tuple[float, int | None]:
-    """Seconds per optimizer step: WARMUP_STEPS, then `steps` timed, through llmkit's Trainer with the recipe's
-    batch, accumulation and precision, on random tokens (one process: [distributed] is not applied); and on a
-    CUDA GPU the peak of the memory torch allocated meanwhile (None elsewhere: CPUs report no such figure)."""
-    import datasets
+    """Seconds per optimizer step, timed as a time budget times them (llmkit.budget: a copy of the model, the
+    recipe's batch, accumulation and precision), on random tokens; and on a CUDA GPU the peak of the memory
+    torch allocated meanwhile (None elsewhere: CPUs report no such figure)."""
     import torch
-    from transformers import PrinterCallback, TrainerCallback, default_data_collator
+    from transformers import default_data_collator
 
-    from llmkit.training import LlmkitTrainer, training_arguments
-
-    class Clock(TrainerCallback):
-        start = end = 0.0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if state.global_step == WARMUP_STEPS:
-                self.start = time.perf_counter()
-            self.end = time.perf_counter()
+    from llmkit.budget import seconds_per_step
+    from llmkit.devices import pick_device, training_precision
 
     rows = random_rows(recipe, command, model, tokenizer, length)
-    clock = Clock()
-    with tempfile.TemporaryDirectory() as workdir:
-        args = training_arguments(recipe.train, DistributedSettings(), recipe.run.seed, Path(workdir),
-                                  max_steps=WARMUP_STEPS + steps, num_train_epochs=1.0, eval_strategy="no",
-                                  save_strategy="no", remove_unused_columns=False, report_to="none")
-        trainer = LlmkitTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows),
-                                data_collator=mlm_collator(recipe, command, tokenizer) or default_data_collator,
-                                callbacks=[clock], fp32_outputs=command != "pretrain")  # as the command trains
-        trainer.remove_callback(PrinterCallback)
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        trainer.train()
-    return (clock.end - clock.start) / steps, torch.cuda.max_memory_allocated() if cuda else None
+    examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
+    collate = mlm_collator(recipe, command, tokenizer) or default_data_collator
+    size = recipe.train.batch_size
+    batches = [collate(examples[i: i + size]) for i in range(0, len(examples), size)]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    seconds = seconds_per_step(model, batches, recipe.train, training_precision(recipe.train.precision).dtype,
+                               pick_device(), steps)
+    return seconds, torch.cuda.max_memory_allocated() if cuda else None
 
 
 def random_rows(recipe: Recipe, command: str, model, tokenizer, length: int) -> dict:
     """Columns of random examples shaped as the command's batches: input ids and the targets of the head."""
     import torch
 
-    count = recipe.train.batch_size * recipe.train.gradient_accumulation * (WARMUP_STEPS + 2)
+    count = recipe.train.batch_size * recipe.train.gradient_accumulation * (budget.WARMUP_STEPS + 2)
     generator = torch.Generator().manual_seed(recipe.run.seed)
     ids = torch.randint(0, len(tokenizer), (count, length), generator=generator)
     if command == "pretrain":  # masked objectives: the collator masks the inputs and makes the labels
@@ -358,14 +345,17 @@ def show(plan: dict, console) -> None:
                   f"{tokens_row['sequences_per_step']:,} sequences x {tokens_row['tokens_per_sequence']:,} tokens"
                   + (" (at most: batches are padded to their longest example)" if plan["command"] == "finetune" else ""))
     steps = tokens_row["steps"]
+    budget_note = (f"what fits in train.max_minutes = {plan['budget_minutes']:g} at the time per step measured here"
+                   if plan.get("budget_minutes") else "")
     table.add_row("steps", "-" if steps is None else f"{steps:,}",
-                  "train.epochs: counted once the data is packed" if steps is None else "")
+                  "train.epochs: counted once the data is packed" if steps is None else budget_note)
     table.add_row("tokens in all", "-" if tokens_row["in_all"] is None else f"{tokens_row['in_all']:,}", "")
     timing = plan.get("time")
     if timing:
         table.add_row("seconds per step", f"{timing['seconds_per_step']:.3f}",
                       f"measured here: {timing['measured_steps']} steps after {timing['warmup_steps']} warm-up, "
-                      f"{timing['device']}, {plan['precision']['name']}, one process, random tokens")
+                      f"{timing['device']}, {plan['precision']['name']}, one process, random tokens (the Trainer "
+                      f"adds a few percent)")
         if timing["measured_peak_bytes"] is not None:
             table.add_row("memory: measured peak", megabytes(timing["measured_peak_bytes"]),
                           "torch.cuda.max_memory_allocated over those steps, one process (no sharding)")

@@ -8,14 +8,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmkit import load_recipe, plan
+from llmkit import budget, load_recipe, plan
 from llmkit.cli import app
 from llmkit.errors import LlmkitError
 from llmkit.recipe import shipped_recipe_names
 from tests.conftest import TINY, char_tokenizer, save_tiny_model
 
 runner = CliRunner()
-SMALL = [s for s in TINY if not s.startswith(("data.max_documents", "train.max_steps"))]
+SMALL = [s for s in TINY if not s.startswith(("data.max_documents", "train.max_steps"))] + ["train.max_minutes=0"]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,13 @@ def test_the_time_estimate_is_measured_and_scales_with_steps(one_thread):
         assert planned["time"]["measured_peak_bytes"] >= held
     else:  # CPUs report no peak: none is made up
         assert short["measured_peak_bytes"] is None
+
+
+def test_a_time_budget_plans_the_steps_that_fit(one_thread):
+    planned = pretrain_plan("train.max_minutes=0.5", "train.max_steps=100000", steps=3)
+    seconds = planned["time"]["seconds_per_step"]
+    assert abs(planned["tokens"]["steps"] - budget.steps_within(0.5, seconds, 100000)) <= 1  # seconds: rounded
+    assert planned["time"]["estimated_seconds"] == pytest.approx(30, rel=0.05)  # the budget, in steps of that time
 
 
 def test_a_deepspeed_config_that_cannot_be_read(tmp_path):
