@@ -305,6 +305,20 @@ def test_continuous_batching_lets_requests_join_a_running_one(model_dir, local):
         assert server.health()["batches"] == 0  # no request went through the dynamic queue
 
 
+def test_continuous_batching_refuses_a_model_it_cannot_run(local):
+    from llmkit.errors import LlmkitError
+    from llmkit.serve import check_continuous
+
+    model, _ = local
+    check_continuous(model)  # sdpa, as llmkit loads it
+    model.config._attn_implementation = "eager"
+    try:
+        with pytest.raises(LlmkitError, match="no continuous batching for this model .*attention eager"):
+            check_continuous(model)
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
 def test_a_full_queue_answers_429_and_a_key_is_required(model_dir):
     with serving(model_dir, "--max-queue", "1", "--api-key", "sesame", "--max-tokens", "3000") as server:
         with pytest.raises(openai.AuthenticationError) as unauthorised:
