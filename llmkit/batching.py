@@ -13,7 +13,7 @@ with one Finished (the continuations, their token counts and why each ended) or 
 
 ContinuousBatcher (transformers models) hands the jobs it can to transformers' continuous batching
 instead: a job joins the running batch at the next step and leaves it when it ends, so nobody waits for
-a whole batch to end. The others (a seed, n > 1, a repetition penalty, another sampling mode than the
+a whole batch to end. The others (a seed, n > 1, a repetition penalty, sampling settings other than the
 server's) still go through the queue above.
 """
 
@@ -247,9 +247,12 @@ class ContinuousBatcher(Batcher):
     PAGE = 32  # tokens in a page of the paged KV cache
 
     def __init__(self, model, tokenizer, max_queue: int = 64, max_batch: int = 16, gather: float = 0.02,
-                 sampling: bool = True, positions: int | None = None) -> None:
+                 defaults: GenerateSettings | None = None, positions: int | None = None) -> None:
         super().__init__(model, tokenizer, max_queue, max_batch, gather)
-        self.sampling = sampling  # the manager samples, or takes the likeliest token, for every request
+        # The server's sampling settings: the manager's, one set for all its requests. Transformers can take
+        # temperature, top_k and top_p per request too, but then sorts the whole vocabulary twice a step:
+        # on a CPU that halved the tokens/s of 16 requests sampling together.
+        self.defaults = with_model_defaults(defaults or GenerateSettings(), model)
         self.positions = positions or 2048
         self.live: dict[str, Follower] = {}  # by request id
         self.manager = None
@@ -268,11 +271,16 @@ class ContinuousBatcher(Batcher):
     def generation_config(self):
         from transformers import GenerationConfig
 
-        config = GenerationConfig(do_sample=self.sampling, eos_token_id=list(self.end_ids()),
-                                  pad_token_id=self.tokenizer.pad_token_id)
-        if self.sampling:  # placeholders that make transformers build the three warpers: each request sets its own
-            config.update(temperature=0.5, top_k=1, top_p=0.5)
-        return config
+        return GenerationConfig(**self.sampling(self.defaults), eos_token_id=list(self.end_ids()),
+                                pad_token_id=self.tokenizer.pad_token_id)
+
+    @staticmethod
+    def sampling(settings: GenerateSettings) -> dict:
+        """What picks a job's next token: greedy, or sampling with its temperature, top_k and top_p."""
+        if not settings.sampling:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": settings.temperature, "top_k": settings.top_k,
+                "top_p": settings.top_p}
 
     def cache_config(self):
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -282,7 +290,7 @@ class ContinuousBatcher(Batcher):
         pages = -(-self.positions // self.PAGE)
         return ContinuousBatchingConfig(page_size=self.PAGE, num_blocks=self.max_batch * pages,
                                         max_batch_tokens=max(self.positions, 256), max_requests_per_batch=self.max_batch,
-                                        allow_block_sharing=False, per_request_processors=self.sampling)
+                                        allow_block_sharing=False)
 
     def stop(self) -> None:
         super().stop()
@@ -296,11 +304,11 @@ class ContinuousBatcher(Batcher):
         """Whether transformers' continuous batching generates this job as `model.generate` would. Not: a
         seed (the manager's random numbers are shared by every request, so the text would not repeat), n > 1
         (the manager's num_return_sequences is one for all), a repetition penalty (transformers drops it
-        there: it needs each sequence's past tokens), or the other sampling mode than the server's default
-        (the manager samples, or takes the likeliest token, for all its requests)."""
+        there: it needs each sequence's past tokens), or sampling settings other than the server's (the
+        manager's, see __init__)."""
         settings = with_model_defaults(job.settings, self.model)
         return (job.seed is None and settings.num_return_sequences == 1 and settings.num_beams == 1
-                and settings.repetition_penalty == 1.0 and settings.sampling == self.sampling)
+                and settings.repetition_penalty == 1.0 and self.sampling(settings) == self.sampling(self.defaults))
 
     def submit(self, jobs: list[Job]) -> None:
         if not all(self.continuous(job) for job in jobs):
@@ -313,16 +321,14 @@ class ContinuousBatcher(Batcher):
                 self.add(job)
 
     def add(self, job: Job) -> None:
-        settings = with_model_defaults(job.settings, self.model)
+        settings = job.settings
         emit = (lambda text: job.emit(Piece(0, text))) if job.stream else (lambda text: None)
         follower = Follower(job, StopStreamer(self.tokenizer, emit, settings.stop))
         request_id = uuid.uuid4().hex
         self.live[request_id] = follower  # before the manager can answer
         ids = self.counting(job.prompt, add_special_tokens=job.add_special_tokens)["input_ids"]
-        sampling = dict(temperature=float(settings.temperature), top_p=float(settings.top_p),
-                        top_k=settings.top_k or self.model.config.vocab_size) if self.sampling else {}
         self.manager.add_request(ids, request_id=request_id, max_new_tokens=settings.max_new_tokens,
-                                 streaming=True, **sampling)
+                                 streaming=True)
 
     @property
     def queued(self) -> int:
@@ -366,7 +372,7 @@ class ContinuousBatcher(Batcher):
         self.stats.requests += 1
         self.stats.continuous_requests += 1
         row = torch.tensor(follower.tokens, dtype=torch.long)
-        follower.job.emit(Finished([self.choice(row, with_model_defaults(follower.job.settings, self.model))]))
+        follower.job.emit(Finished([self.choice(row, follower.job.settings)]))
 
     def drop_given_up_live(self) -> None:
         with self.changed:

@@ -37,7 +37,6 @@ def run(recipe: Recipe, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
 
     from llmkit.batching import Batcher, ContinuousBatcher
     from llmkit.engines import Ct2Model, load_generator
-    from llmkit.generation import with_model_defaults
     from llmkit.loading import model_positions, resolve_model
     from llmkit.openai_api import ServedModel, build_app
 
@@ -51,8 +50,7 @@ def run(recipe: Recipe, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
     sizes = dict(max_queue=limits.max_queue, max_batch=limits.max_batch, gather=limits.batch_wait)
     if limits.batching == "continuous":
         check_continuous(model)
-        batcher = ContinuousBatcher(model, tokenizer, **sizes, positions=served.positions,
-                                    sampling=with_model_defaults(settings, model).sampling)
+        batcher = ContinuousBatcher(model, tokenizer, **sizes, defaults=settings, positions=served.positions)
     else:
         batcher = Batcher(model, tokenizer, **sizes)
     app = build_app(batcher, served, limits, api_key)

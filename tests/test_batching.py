@@ -150,10 +150,12 @@ PLAIN = replace(GREEDY, repetition_penalty=1.0)  # what continuous batching serv
 
 
 def run_continuous(batcher: ContinuousBatcher, made: list[tuple[Job, list]]) -> list:
-    """Start, then submit (jobs go straight to the running batch), then each job's last event."""
+    """Start, then submit each job as a request of its own (they go straight to the running batch), then
+    each job's last event."""
     batcher.start()
     try:
-        batcher.submit([job for job, _ in made])
+        for job, _ in made:
+            batcher.submit([job])
         wait_until(lambda: all(events and isinstance(events[-1], (Finished, Failed)) for _, events in made))
     finally:
         batcher.stop()
@@ -172,7 +174,7 @@ def test_continuous_batching_gives_each_job_models_generate_greedy_tokens(tiny):
     prompts, lengths = ["今天", "明天天气很好", "我们"], [3, 12, 7]  # different prompts and max_new_tokens, together
     made = [(Job(prompt, replace(PLAIN, max_new_tokens=length), events.append, stream=True), events)
             for prompt, length, events in zip(prompts, lengths, ([], [], []))]
-    batcher = ContinuousBatcher(model, tokenizer, sampling=False, positions=128)
+    batcher = ContinuousBatcher(model, tokenizer, defaults=PLAIN, positions=128)
     finished = run_continuous(batcher, made)
     assert (batcher.stats.continuous_requests, batcher.stats.batches) == (3, 0)  # no generate call of the queue
     for prompt, length, done, (_, events) in zip(prompts, lengths, finished, made):
@@ -188,11 +190,11 @@ def test_continuous_batching_stops_at_a_stop_string_and_frees_a_cancelled_jobs_p
     model, tokenizer = tiny
     full = generate_text(model, tokenizer, "今天", PLAIN).text
     stop = replace(PLAIN, stop=[full[4]])
-    batcher = ContinuousBatcher(model, tokenizer, sampling=False, positions=128, max_batch=1)
+    batcher = ContinuousBatcher(model, tokenizer, defaults=PLAIN, positions=128, max_batch=1)
     (stopped,) = run_continuous(batcher, jobs_for(["今天"], stop, stream=True))
     assert stopped.choices[0].text == full[:full.index(full[4])] and stopped.choices[0].finish_reason == "stop"
 
-    batcher = ContinuousBatcher(model, tokenizer, sampling=False, positions=128, max_batch=1)
+    batcher = ContinuousBatcher(model, tokenizer, defaults=PLAIN, positions=128, max_batch=1)
     batcher.start()
     try:
         (long, long_events), = jobs_for(["长"], replace(PLAIN, max_new_tokens=100), stream=True)
@@ -213,7 +215,7 @@ def test_continuous_batching_stops_at_a_stop_string_and_frees_a_cancelled_jobs_p
 
 def test_jobs_continuous_batching_cannot_serve_go_through_the_queue(tiny):
     model, tokenizer = tiny
-    batcher = ContinuousBatcher(model, tokenizer, sampling=False, positions=128)
+    batcher = ContinuousBatcher(model, tokenizer, defaults=PLAIN, positions=128)
     seeded, penalized, sampled = (Job("今天", PLAIN, print, seed=1), Job("今天", GREEDY, print),
                                   Job("今天", replace(PLAIN, greedy=False, temperature=0.7), print))
     assert batcher.continuous(Job("今天", PLAIN, print))
@@ -224,14 +226,17 @@ def test_jobs_continuous_batching_cannot_serve_go_through_the_queue(tiny):
     assert finished[0].choices[0].text == generate_text(model, tokenizer, "今天", GREEDY).text
 
 
-def test_continuous_batching_samples_with_each_jobs_settings_and_refuses_a_full_queue(tiny):
+def test_continuous_batching_samples_with_the_servers_settings_and_refuses_a_full_queue(tiny):
     model, tokenizer = tiny
     sampling = GenerateSettings(max_new_tokens=6, temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.0)
-    batcher = ContinuousBatcher(model, tokenizer, sampling=True, positions=128, max_batch=1, max_queue=1)
-    made = jobs_for(["今天", "明天"], sampling)
+    batcher = ContinuousBatcher(model, tokenizer, defaults=sampling, positions=128, max_batch=1, max_queue=2)
+    config = batcher.generation_config()
+    assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, 0.7, 0, 0.9)
+    made = jobs_for(["今天", "明天"], sampling) + jobs_for(["我们"], replace(sampling, temperature=0.5))
     finished = run_continuous(batcher, made)
-    assert [done.choices[0].tokens for done in finished] == [6, 6] and batcher.stats.continuous_requests == 2
-    batcher = ContinuousBatcher(model, tokenizer, sampling=True, positions=128, max_batch=1, max_queue=1)
+    assert [done.choices[0].tokens for done in finished] == [6, 6, 6]
+    assert (batcher.stats.continuous_requests, batcher.stats.batches) == (2, 1)  # another temperature: the queue
+    batcher = ContinuousBatcher(model, tokenizer, defaults=sampling, positions=128, max_batch=1, max_queue=1)
     batcher.start()
     try:
         batcher.submit([job for job, _ in jobs_for(["一"], replace(sampling, max_new_tokens=100))])
