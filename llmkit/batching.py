@@ -151,6 +151,10 @@ class Batcher:
     def queued(self) -> int:
         return len(self.waiting)
 
+    @property
+    def generating(self) -> int:
+        return self.busy
+
     def work(self) -> None:
         while True:
             batch = self.take()
@@ -241,8 +245,8 @@ class Follower:
 class ContinuousBatcher(Batcher):
     """A Batcher whose jobs go to transformers' continuous batching (`model.init_continuous_batching`: a
     paged KV cache, requests joining and leaving the running batch at each step) where it generates as
-    `model.generate` would. Those it cannot serve so go through Batcher's queue, run while the continuous
-    loop is paused (see `continuous`)."""
+    `model.generate` would (see `continuous`). The others go through Batcher's queue, and are generated
+    while the continuous loop is paused."""
 
     PAGE = 32  # tokens in a page of the paged KV cache
 
@@ -321,18 +325,21 @@ class ContinuousBatcher(Batcher):
                 self.add(job)
 
     def add(self, job: Job) -> None:
-        settings = job.settings
         emit = (lambda text: job.emit(Piece(0, text))) if job.stream else (lambda text: None)
-        follower = Follower(job, StopStreamer(self.tokenizer, emit, settings.stop))
+        follower = Follower(job, StopStreamer(self.tokenizer, emit, job.settings.stop))
         request_id = uuid.uuid4().hex
         self.live[request_id] = follower  # before the manager can answer
         ids = self.counting(job.prompt, add_special_tokens=job.add_special_tokens)["input_ids"]
-        self.manager.add_request(ids, request_id=request_id, max_new_tokens=settings.max_new_tokens,
+        self.manager.add_request(ids, request_id=request_id, max_new_tokens=job.settings.max_new_tokens,
                                  streaming=True)
 
     @property
     def queued(self) -> int:
         return len(self.waiting) + max(0, len(self.live) - self.max_batch)
+
+    @property
+    def generating(self) -> int:
+        return self.busy + min(len(self.live), self.max_batch)
 
     def generate(self, batch: list[Job]) -> None:
         with self.manager.pause():  # one generation at a time on the model; the continuous requests keep their place
