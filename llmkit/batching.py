@@ -293,8 +293,8 @@ class ContinuousBatcher(Batcher):
         # from the accelerator's free memory: on a CPU it took 11 GB for the 1M-parameter quickstart model.
         pages = -(-self.positions // self.PAGE)
         return ContinuousBatchingConfig(page_size=self.PAGE, num_blocks=self.max_batch * pages,
-                                        max_batch_tokens=max(self.positions, 256), max_requests_per_batch=self.max_batch,
-                                        allow_block_sharing=False)
+                                        max_batch_tokens=max(self.positions, 256),
+                                        max_requests_per_batch=self.max_batch, allow_block_sharing=False)
 
     def stop(self) -> None:
         super().stop()

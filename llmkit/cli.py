@@ -236,7 +236,7 @@ def serve(recipe: Optional[str] = typer.Argument(None, help="Recipe whose \\[gen
                                                 help="Seconds of text in one streamed chunk (0: a chunk a token)."),
           batching: str = typer.Option("dynamic", "--batching",
                                        help="dynamic: waiting requests share a generate call; continuous: requests "
-                                            "join the running batch at each step (transformers' continuous batching, hf engine)."),
+                                            "join the running batch at each step (transformers', hf engine)."),
           timeout: float = typer.Option(300, "--timeout", help="Seconds a request may take, queue included (504)."),
           max_body: int = typer.Option(1_000_000, "--max-body", help="Largest request body, bytes (413)."),
           log_requests: bool = typer.Option(False, "--log-requests", help="A line per request on stdout."),

@@ -309,8 +309,8 @@ def build_app(batcher: Batcher, served: ServedModel, limits: Limits, api_key: st
         stats = batcher.stats
         return {"status": "ok", "model": served.name, "queued": batcher.queued, "generating": batcher.generating,
                 "batches": stats.batches, "requests": stats.requests, "batched_requests": stats.batched_requests,
-                "largest_batch": stats.largest_batch, "continuous_requests": stats.continuous_requests, "settings": shown_settings(defaults),
-                "limits": vars(limits)}
+                "largest_batch": stats.largest_batch, "continuous_requests": stats.continuous_requests,
+                "settings": shown_settings(defaults), "limits": vars(limits)}
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():

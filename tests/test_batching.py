@@ -171,7 +171,7 @@ def wait_until(condition, seconds: float = 60) -> None:
 
 def test_continuous_batching_gives_each_job_models_generate_greedy_tokens(tiny):
     model, tokenizer = tiny
-    prompts, lengths = ["今天", "明天天气很好", "我们"], [3, 12, 7]  # different prompts and max_new_tokens, together
+    prompts, lengths = ["今天", "明天天气很好", "我们"], [3, 12, 7]  # prompts and max_new_tokens differ, together
     made = [(Job(prompt, replace(PLAIN, max_new_tokens=length), events.append, stream=True), events)
             for prompt, length, events in zip(prompts, lengths, ([], [], []))]
     batcher = ContinuousBatcher(model, tokenizer, defaults=PLAIN, positions=128)
