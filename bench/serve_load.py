@@ -5,7 +5,8 @@ tokens/s relative to the single client (what batching the waiting requests buys)
 Goal: no errors, and 16 clients x 10 requests at >= 4x the tokens/s of one client.
 
     python bench/serve_load.py [--model runs/pretrain-zh-tiny] [--clients 16] [--requests 10] [--tokens 64]
-                               [--engine hf|ct2] [--temperature 0]
+                               [--engine hf|ct2] [--temperature 0] [--batching dynamic|continuous]
+                               [--repetition-penalty 1.0]
 
 Without a trained model, a random one of the quickstart architecture is built (speed needs no weights).
 Each phase is bounded: --requests per client, and no new request after --seconds.
@@ -97,13 +98,14 @@ def run_phase(url: str, clients: int, requests: int, ask: dict, seconds: float) 
     return phase
 
 
-def start_server(model: Path, clients: int, batch_wait: float, engine: str) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, clients: int, batch_wait: float, engine: str, batching: str,
+                 defaults: list[str]) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", "--model", str(model), "--port", str(port),
                                "--max-queue", str(4 * clients), "--max-batch", str(clients), "--batch-wait", str(batch_wait),
-                               "--engine", engine],
+                               "--engine", engine, "--batching", batching, *defaults],
                               stderr=subprocess.DEVNULL, env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -133,6 +135,9 @@ def main() -> None:
     parser.add_argument("--engine", choices=["hf", "ct2"], default="hf",
                         help="ct2: the model's CTranslate2 export (made first when missing)")
     parser.add_argument("--temperature", type=float, help="0 = greedy (default: sampling, the model's defaults)")
+    parser.add_argument("--batching", choices=["dynamic", "continuous"], default="dynamic", help="llmkit serve --batching")
+    parser.add_argument("--repetition-penalty", type=float,
+                        help="the server's default (continuous batching serves 1.0 only; default: the model's)")
     options = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -144,7 +149,12 @@ def main() -> None:
             from llmkit.engines import export_ct2
 
             export_ct2(str(source), source / "ct2")  # where --engine ct2 finds it
-        server, url = start_server(source, options.clients, options.batch_wait, options.engine)
+        # the sampling asked for as the server's defaults too: continuous batching serves requests in their mode
+        defaults = [f"--set=generate.{key}={value}" for key, value in
+                    (("temperature", options.temperature), ("repetition_penalty", options.repetition_penalty))
+                    if value is not None]
+        server, url = start_server(source, options.clients, options.batch_wait, options.engine, options.batching,
+                                   defaults)
         try:
             ask = {"model": health(url)["model"], "max_tokens": options.tokens} | (
                 {} if options.temperature is None else {"temperature": options.temperature})
@@ -152,7 +162,9 @@ def main() -> None:
             alone = run_phase(url, 1, options.requests, ask, options.seconds)
             before = health(url)
             together = run_phase(url, options.clients, options.requests, ask, options.seconds)
-            batches = health(url)["batches"] - before["batches"]
+            after = health(url)
+            batches = after["batches"] - before["batches"]
+            continuous = after["continuous_requests"] - before["continuous_requests"]
         finally:
             server.terminate()
             server.wait(60)
@@ -161,15 +173,19 @@ def main() -> None:
         raise SystemExit(f"one client got no tokens: {(alone.errors or ['no error'])[0]}")
     ratio = together.tokens_per_second / alone.tokens_per_second
     sampling = "the model's sampling defaults" if options.temperature is None else f"temperature {options.temperature}"
+    if options.repetition_penalty is not None:
+        sampling += f", repetition penalty {options.repetition_penalty}"
     name = options.model if source == Path(options.model) else "random quickstart-shaped model"
+    batching = f"--batch-wait {options.batch_wait}" if options.batching == "dynamic" else "--batching continuous"
     print(f"llmkit serve --engine {options.engine}, {name}, max_tokens {options.tokens}, streaming, {sampling}, "
-          f"--batch-wait {options.batch_wait}")
+          f"{batching}")
     print("| clients | requests | errors | requests/s | tokens/s | p50 latency s | p99 latency s | p50 first token ms |")
     print("|---|---|---|---|---|---|---|---|")
     print(alone.row())
     print(together.row())
-    print(f"aggregate tokens/s: {ratio:.1f}x one client (goal >= 4x); {options.clients} clients: "
-          f"{len(together.latencies) / batches:.1f} requests a batch on average ({batches} batches)")
+    served = ([f"{len(together.latencies) / batches:.1f} requests a batch on average ({batches} batches)"] if batches
+              else []) + ([f"{continuous} requests by continuous batching"] if continuous else [])
+    print(f"aggregate tokens/s: {ratio:.1f}x one client (goal >= 4x); {options.clients} clients: {'; '.join(served)}")
     for error in sorted(set(alone.errors + together.errors))[:5]:
         print(f"error: {error}")
 

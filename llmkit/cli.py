@@ -259,6 +259,9 @@ def serve(recipe: Optional[str] = typer.Argument(None, help="Recipe whose \\[gen
                                            help="Seconds a batch waits for more requests while fewer wait than were in flight lately."),
           stream_interval: float = typer.Option(0.02, "--stream-interval",
                                                 help="Seconds of text in one streamed chunk (0: a chunk a token)."),
+          batching: str = typer.Option("dynamic", "--batching",
+                                       help="dynamic: waiting requests share a generate call; continuous: requests "
+                                            "join the running batch at each step (transformers', hf engine)."),
           timeout: float = typer.Option(300, "--timeout", help="Seconds a request may take, queue included (504)."),
           max_body: int = typer.Option(1_000_000, "--max-body", help="Largest request body, bytes (413)."),
           log_requests: bool = typer.Option(False, "--log-requests", help="A line per request on stdout."),
@@ -274,7 +277,7 @@ def serve(recipe: Optional[str] = typer.Argument(None, help="Recipe whose \\[gen
 
         task.run(settings, host=host, port=port, api_key=api_key, log_requests=log_requests, max_tokens=max_tokens,
                  max_queue=max_queue, max_batch=max_batch, batch_wait=batch_wait,
-                 stream_interval=stream_interval, timeout=timeout, max_body=max_body)
+                 stream_interval=stream_interval, timeout=timeout, max_body=max_body, batching=batching)
 
 
 @app.command(epilog="Examples:\n\n  llmkit export --format ct2 runs/pretrain-zh-tiny\n\n"

@@ -161,7 +161,11 @@ class StopStreamer:
         if not self.prompt_seen:  # the first call carries the prompt
             self.prompt_seen = True
             return
-        self.ids.extend(value.reshape(-1).tolist())
+        self.add(value.reshape(-1).tolist())
+
+    def add(self, ids: list[int]) -> None:
+        """New token ids, from a caller that gives them as lists (the server's continuous batching)."""
+        self.ids.extend(ids)
         self.flush(final=False)
 
     def end(self) -> None:

@@ -45,6 +45,7 @@ class Limits:
     max_batch: int = 16  # requests in one generate call
     batch_wait: float = 0.02  # seconds a batch smaller than the demand waits for more (llmkit.batching)
     stream_interval: float = 0.02  # seconds of text in one streamed chunk, after the first (0: a chunk a token)
+    batching: str = "dynamic"  # or "continuous": transformers' continuous batching (llmkit.batching.ContinuousBatcher)
 
 
 @dataclass
@@ -306,10 +307,10 @@ def build_app(batcher: Batcher, served: ServedModel, limits: Limits, api_key: st
     @app.get("/health")
     async def health():
         stats = batcher.stats
-        return {"status": "ok", "model": served.name, "queued": batcher.queued, "generating": batcher.busy,
+        return {"status": "ok", "model": served.name, "queued": batcher.queued, "generating": batcher.generating,
                 "batches": stats.batches, "requests": stats.requests, "batched_requests": stats.batched_requests,
-                "largest_batch": stats.largest_batch, "settings": shown_settings(defaults),
-                "limits": vars(limits)}
+                "largest_batch": stats.largest_batch, "continuous_requests": stats.continuous_requests,
+                "settings": shown_settings(defaults), "limits": vars(limits)}
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
@@ -430,6 +431,8 @@ def check_limits(limits: Limits) -> None:
                         ("--max-queue", limits.max_queue), ("--max-batch", limits.max_batch)):
         if value < 1:
             raise LlmkitError(f"{flag} must be at least 1, got {value}")
+    if limits.batching not in ("dynamic", "continuous"):
+        raise LlmkitError(f"--batching must be dynamic or continuous, got {limits.batching!r}")
     if limits.timeout <= 0:
         raise LlmkitError(f"--timeout must be above 0 seconds, got {limits.timeout}")
     for flag, value in (("--batch-wait", limits.batch_wait), ("--stream-interval", limits.stream_interval)):

@@ -23,7 +23,7 @@ def run(recipe: Recipe, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
         log_requests: bool = False, **limits) -> None:
     """Serve recipe.generate.model (its [generate] settings as every request's defaults) until stopped.
     `limits`: fields of llmkit.openai_api.Limits (max_tokens, max_queue, max_batch, batch_wait,
-    stream_interval, timeout, max_body, max_n)."""
+    stream_interval, timeout, max_body, max_n, batching)."""
     from llmkit.console import console, quiet_libraries
 
     require_serving_libraries()
@@ -35,7 +35,7 @@ def run(recipe: Recipe, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
     quiet_libraries()
     import uvicorn
 
-    from llmkit.batching import Batcher
+    from llmkit.batching import Batcher, ContinuousBatcher
     from llmkit.engines import Ct2Model, load_generator
     from llmkit.loading import model_positions, resolve_model
     from llmkit.openai_api import ServedModel, build_app
@@ -47,8 +47,12 @@ def run(recipe: Recipe, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
     if isinstance(model, Ct2Model):
         console.print(f"engine: ct2 ({model.folder})", markup=False)
     served = ServedModel(Path(source).name, settings, model_positions(model.config))
-    batcher = Batcher(model, tokenizer, max_queue=limits.max_queue, max_batch=limits.max_batch,
-                      gather=limits.batch_wait)
+    sizes = dict(max_queue=limits.max_queue, max_batch=limits.max_batch, gather=limits.batch_wait)
+    if limits.batching == "continuous":
+        check_continuous(model)
+        batcher = ContinuousBatcher(model, tokenizer, **sizes, defaults=settings, positions=served.positions)
+    else:
+        batcher = Batcher(model, tokenizer, **sizes)
     app = build_app(batcher, served, limits, api_key)
     shown = f"[{host}]" if ":" in host else host
     console.print(f"serving {served.name} on http://{shown}:{port} (OpenAI API under /v1, chat page at /); "
@@ -65,6 +69,20 @@ def require_serving_libraries() -> None:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
         raise LlmkitError(f"llmkit serve needs {' and '.join(missing)}: pip install 'llmkit[serve]'")
+
+
+def check_continuous(model) -> None:
+    """--batching continuous needs transformers' continuous batching, for a decoder-only model whose attention
+    it runs (sdpa: what llmkit loads; eager would be switched under the queue's generate calls too)."""
+    from llmkit.engines import Ct2Model
+    from llmkit.generation import encoder_decoder
+
+    if isinstance(model, Ct2Model):
+        raise LlmkitError("--batching continuous needs --engine hf (the ct2 engine batches dynamically)")
+    attention = getattr(model.config, "_attn_implementation", None)
+    if not hasattr(model, "init_continuous_batching") or encoder_decoder(model) or attention != "sdpa":
+        raise LlmkitError(f"--batching continuous: transformers has no continuous batching for this model "
+                          f"({type(model).__name__}, attention {attention}); use --batching dynamic")
 
 
 def check_address(host: str, port: int) -> None:

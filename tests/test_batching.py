@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from llmkit.batching import Batcher, Failed, Finished, Job, Piece, QueueFull, TimedOut
+from llmkit.batching import Batcher, ContinuousBatcher, Failed, Finished, Job, Piece, QueueFull, TimedOut
 from llmkit.settings import GenerateSettings
 
 pytest.importorskip("torch")
@@ -142,3 +142,105 @@ def test_counting_tokens_beside_a_batch_being_padded_is_safe(tiny):
         stop.set()
         counter.join()
         sys.setswitchinterval(switching)
+
+
+# ---------------------------------------------------------------- continuous batching (transformers')
+
+PLAIN = replace(GREEDY, repetition_penalty=1.0)  # what continuous batching serves: no repetition penalty
+
+
+def run_continuous(batcher: ContinuousBatcher, made: list[tuple[Job, list]]) -> list:
+    """Start, then submit each job as a request of its own (they go straight to the running batch), then
+    each job's last event."""
+    batcher.start()
+    try:
+        for job, _ in made:
+            batcher.submit([job])
+        wait_until(lambda: all(events and isinstance(events[-1], (Finished, Failed)) for _, events in made))
+    finally:
+        batcher.stop()
+    return [events[-1] for _, events in made]
+
+
+def wait_until(condition, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_continuous_batching_gives_each_job_models_generate_greedy_tokens(tiny):
+    model, tokenizer = tiny
+    prompts, lengths = ["今天", "明天天气很好", "我们"], [3, 12, 7]  # prompts and max_new_tokens differ, together
+    made = [(Job(prompt, replace(PLAIN, max_new_tokens=length), events.append, stream=True), events)
+            for prompt, length, events in zip(prompts, lengths, ([], [], []))]
+    batcher = ContinuousBatcher(model, tokenizer, defaults=PLAIN, positions=128)
+    finished = run_continuous(batcher, made)
+    assert (batcher.stats.continuous_requests, batcher.stats.batches) == (3, 0)  # no generate call of the queue
+    for prompt, length, done, (_, events) in zip(prompts, lengths, finished, made):
+        inputs = tokenizer(prompt, return_tensors="pt")
+        own = model.generate(**inputs, max_new_tokens=length, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        # the char tokenizer has a token a character: the same text is the same token ids
+        assert done.choices[0].text == tokenizer.decode(own, skip_special_tokens=True)
+        assert done.choices[0].tokens == len(own) == length and done.choices[0].finish_reason == "length"
+        assert "".join(event.text for event in events if isinstance(event, Piece)) == done.choices[0].text
+
+
+def test_continuous_batching_stops_at_a_stop_string_and_frees_a_cancelled_jobs_place(tiny):
+    model, tokenizer = tiny
+    full = generate_text(model, tokenizer, "今天", PLAIN).text
+    stop = replace(PLAIN, stop=[full[4]])
+    batcher = ContinuousBatcher(model, tokenizer, defaults=PLAIN, positions=128, max_batch=1)
+    (stopped,) = run_continuous(batcher, jobs_for(["今天"], stop, stream=True))
+    assert stopped.choices[0].text == full[:full.index(full[4])] and stopped.choices[0].finish_reason == "stop"
+
+    batcher = ContinuousBatcher(model, tokenizer, defaults=PLAIN, positions=128, max_batch=1)
+    batcher.start()
+    try:
+        (long, long_events), = jobs_for(["长"], replace(PLAIN, max_new_tokens=100), stream=True)
+        batcher.submit([long])
+        wait_until(lambda: long_events)  # generating
+        long.cancelled = True  # the client went away
+        wait_until(lambda: isinstance(long_events[-1], Failed))
+        scheduler = batcher.manager.batch_processor.scheduler
+        wait_until(lambda: not scheduler.active_requests and not scheduler.waiting_requests)
+        (after, after_events), = jobs_for(["今天"], PLAIN)  # the one place in the batch is free again
+        batcher.submit([after])
+        wait_until(lambda: after_events)
+        assert isinstance(after_events[-1], Finished) and after_events[-1].choices[0].tokens == 8
+        assert not batcher.live
+    finally:
+        batcher.stop()
+
+
+def test_jobs_continuous_batching_cannot_serve_go_through_the_queue(tiny):
+    model, tokenizer = tiny
+    batcher = ContinuousBatcher(model, tokenizer, defaults=PLAIN, positions=128)
+    seeded, penalized, sampled = (Job("今天", PLAIN, print, seed=1), Job("今天", GREEDY, print),
+                                  Job("今天", replace(PLAIN, greedy=False, temperature=0.7), print))
+    assert batcher.continuous(Job("今天", PLAIN, print))
+    assert not any(batcher.continuous(job) for job in (seeded, penalized, sampled))
+    made = jobs_for(["今天", "明天"], GREEDY)  # the repetition penalty: the queue's generate call
+    finished = run_continuous(batcher, made)
+    assert (batcher.stats.batches, batcher.stats.continuous_requests) == (1, 0)
+    assert finished[0].choices[0].text == generate_text(model, tokenizer, "今天", GREEDY).text
+
+
+def test_continuous_batching_samples_with_the_servers_settings_and_refuses_a_full_queue(tiny):
+    model, tokenizer = tiny
+    sampling = GenerateSettings(max_new_tokens=6, temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.0)
+    batcher = ContinuousBatcher(model, tokenizer, defaults=sampling, positions=128, max_batch=1, max_queue=2)
+    config = batcher.generation_config()
+    assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, 0.7, 0, 0.9)
+    made = jobs_for(["今天", "明天"], sampling) + jobs_for(["我们"], replace(sampling, temperature=0.5))
+    finished = run_continuous(batcher, made)
+    assert [done.choices[0].tokens for done in finished] == [6, 6, 6]
+    assert (batcher.stats.continuous_requests, batcher.stats.batches) == (2, 1)  # another temperature: the queue
+    batcher = ContinuousBatcher(model, tokenizer, defaults=sampling, positions=128, max_batch=1, max_queue=1)
+    batcher.start()
+    try:
+        batcher.submit([job for job, _ in jobs_for(["一"], replace(sampling, max_new_tokens=100))])
+        with pytest.raises(QueueFull):  # one generating, one waiting is the most, and these are two
+            batcher.submit([job for job, _ in jobs_for(["二", "三"], sampling)])
+    finally:
+        batcher.stop()

@@ -72,6 +72,8 @@ def test_bad_server_options_name_the_flag():
         check_limits(Limits(max_batch=0))
     with pytest.raises(LlmkitError, match="--timeout must be above 0"):
         check_limits(Limits(timeout=0))
+    with pytest.raises(LlmkitError, match="--batching must be dynamic or continuous, got 'static'"):
+        check_limits(Limits(batching="static"))
 
 
 def replay(reply: Reply, events: list, stream: bool, include_usage: bool = False):

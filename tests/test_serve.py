@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -277,6 +278,45 @@ def test_the_ct2_engine_serves_batches_with_the_same_greedy_text(model_dir, loca
     export_ct2(str(copy), copy / "ct2")
     with serving(copy, "--engine", "ct2", "--stream-interval", "0", notes=(f"engine: ct2 ({copy / 'ct2'})",)) as server:
         check_waiting_requests_go_in_one_batch(server, local, stream=True)
+
+
+def test_continuous_batching_lets_requests_join_a_running_one(model_dir, local):
+    """--batching continuous: short requests of different lengths are answered while a long one streams (a
+    dynamic batch would make them wait for its end), each with the greedy text llmkit generates alone; the
+    long one's client leaves and its place serves the next."""
+    model, tokenizer = local
+    plain = GenerateSettings(max_new_tokens=8, greedy=True, repetition_penalty=1.0)
+    options = ("--batching", "continuous", "--max-batch", "2", "--max-tokens", "3000",
+               "--set", "generate.temperature=0", "--set", "generate.repetition_penalty=1.0")
+    with serving(model_dir, *options) as server:
+        client = server.client()
+        long = long_stream(client)
+        for prompt, length in (("今天", 3), ("中国人民", 8), ("我们", 5)):
+            text = client.completions.create(model="model", prompt=prompt, max_tokens=length).choices[0].text
+            assert text == generate_text(model, tokenizer, prompt, replace(plain, max_new_tokens=length)).text
+        full = generate_text(model, tokenizer, "我们", replace(plain, max_new_tokens=12)).text
+        stop = full[5]
+        streamed = client.completions.create(model="model", prompt="我们", max_tokens=12, stop=[stop], stream=True)
+        assert "".join(chunk.choices[0].text for chunk in streamed) == full[:full.index(stop)]
+        assert server.health()["generating"] == 1 and server.health()["continuous_requests"] == 4  # long: still going
+        long.close()
+        wait_for(lambda: server.health()["continuous_requests"] == 4 and server.health()["queued"] == 0)
+        assert client.completions.create(model="model", prompt="今天", max_tokens=2).usage.completion_tokens == 2
+        assert server.health()["batches"] == 0  # no request went through the dynamic queue
+
+
+def test_continuous_batching_refuses_a_model_it_cannot_run(local):
+    from llmkit.errors import LlmkitError
+    from llmkit.serve import check_continuous
+
+    model, _ = local
+    check_continuous(model)  # sdpa, as llmkit loads it
+    model.config._attn_implementation = "eager"
+    try:
+        with pytest.raises(LlmkitError, match="no continuous batching for this model .*attention eager"):
+            check_continuous(model)
+    finally:
+        model.config._attn_implementation = "sdpa"
 
 
 def test_a_full_queue_answers_429_and_a_key_is_required(model_dir):
