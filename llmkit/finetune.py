@@ -89,6 +89,7 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     transformers.set_seed(recipe.run.seed)
     with console.status("loading the model"):
         model = apply_method(settings, build_task_model(recipe, tokenizer, data.labels))
+    tokenizer = task_processor(recipe, tokenizer)
     train_features, validation_features = map(datasets.Dataset.from_list, encode_splits(recipe, tokenizer, data, model))
 
     metric = settings.metric or tasks.selection_metrics(settings.task)[0]
@@ -135,6 +136,17 @@ def task_tokenizer(recipe: Recipe, parts: list[tuple[FinetuneSettings, task_data
         if prepare:
             prepare(tokenizer, settings)
     return tokenizer
+
+
+def task_processor(recipe: Recipe, tokenizer):
+    """What reads a task's inputs, saved beside the model: the tokenizer, or a vision task's processor (its
+    image processor and the tokenizer)."""
+    from llmkit.loading import resolve_model
+
+    processing = getattr(task_data.implementation(recipe.finetune.task), "processing_class", None)
+    if not processing:
+        return tokenizer
+    return processing(recipe, tokenizer, resolve_model(recipe.model.path) if recipe.model.path else "")
 
 
 def load_teacher(recipe: Recipe, tokenizer, labels: list[str]):
@@ -294,10 +306,10 @@ def save_head_config(model, run_dir: Path) -> None:
 
 def merge(recipe: Recipe, tokenizer, labels: list[str], run_dir: Path) -> None:
     from llmkit.adapters import merge_adapter
-    from llmkit.loading import build_task_model
+    from llmkit.loading import build_task_model, text_tokenizer
 
     merged = run_dir / "merged"
-    merge_adapter(run_dir, merged, lambda: build_task_model(recipe, tokenizer, labels, quantize=False))
+    merge_adapter(run_dir, merged, lambda: build_task_model(recipe, text_tokenizer(tokenizer), labels, quantize=False))
     tokenizer.save_pretrained(str(merged))
 
 

@@ -37,6 +37,7 @@ HEADS = {
                                  "token-classification"),
     "question-answering": Head("AutoModelForQuestionAnswering", ("ForQuestionAnswering",), "question-answering"),
     "seq2seq-lm": Head("AutoModelForSeq2SeqLM", ("ForConditionalGeneration",), "text2text-generation"),
+    "image-text-to-text": Head("AutoModelForImageTextToText", ("ForConditionalGeneration",), "image-text-to-text"),
 }
 
 
@@ -86,6 +87,14 @@ TASKS = {
     # scored by greedy generation (exact match, BLEU, chrF); its loss picks the checkpoint
     "seq2seq": Task("seq2seq", "seq2seq-lm", ("prompt_column", "response_column"), 2,
                     headline=("exact_match", "chrf", "bleu"), peft_task_type="SEQ_2_SEQ_LM"),
+    # pictures as prompts, with a vision-language model (llmkit.vision): image_column -> its caption
+    # (text_column), or image_column + question_column -> answer_column; scored by greedy generation
+    "caption": Task("image_text", "image-text-to-text", ("image_column", "text_column"),
+                    headline=("attribute_accuracy", "exact_match", "bleu", "chrf"),
+                    select_by=("chrf", "attribute_accuracy", "exact_match", "bleu"), peft_task_type="CAUSAL_LM"),
+    "vqa": Task("image_text", "image-text-to-text", ("image_column", "question_column", "answer_column"),
+                headline=("attribute_accuracy", "exact_match", "chrf"),
+                select_by=("exact_match", "attribute_accuracy", "chrf"), peft_task_type="CAUSAL_LM"),
 }
 EVAL_KINDS = tuple(name for name, task in TASKS.items() if not task.scored_as)  # what `llmkit eval` scores
 FINETUNE_TASKS = tuple(name for name, task in TASKS.items() if task.fine_tunable)
