@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import random
 import re
 from dataclasses import dataclass

@@ -39,7 +39,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     `force`: resume although the recipe differs from the run's in keys that matter."""
     from llmkit import rundir
     from llmkit.console import quiet_libraries, stdout
+    from llmkit.loading import VISION_HEAD, loaded_config, resolve_model
     from llmkit.training import run_folder
+    from llmkit.vision import check_vision_model
 
     quiet_libraries()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21
@@ -51,6 +53,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     if settings.method != "full" and Path(recipe.model.path).resolve() == run_dir.resolve():
         raise LlmkitError(f"model.path {recipe.model.path} is this run's own folder: an adapter needs its base model "
                           f"to stay; set another run.name")
+    if tasks.TASKS[settings.task].head == VISION_HEAD and recipe.model.path and not settings.tasks:
+        check_vision_model(recipe.model.path, loaded_config(resolve_model(recipe.model.path)))
     if settings.tasks and recipe.distill.teacher:
         raise LlmkitError("distill.teacher: multi-task fine-tuning (finetune.tasks) does not distill; "
                           "distill each task's model on its own")

@@ -297,6 +297,16 @@ def warn_once(message: str) -> None:
         console.print(f"warning: {message}", markup=False)
 
 
+def label_font(tokens: list[str]):
+    """A CJK font for the labels of a plot (None: matplotlib's default), with a warning, once, when the
+    labels need one and there is none."""
+    font = find_cjk_font()
+    if font is None and any(CJK_CHAR.search(token) for token in tokens):
+        warn_once("no CJK font found (install one, e.g. fonts-noto-cjk, or `pip install mplfonts`): "
+                  "Chinese tokens in the attention plot show as boxes")
+    return font
+
+
 def plot_attention(tokens: list[str], weights, path: str | Path, layer: int | None = None,
                    head: int | None = None) -> Path:
     """A heatmap of attention per layer (heads averaged, or `head`), in a grid; `layer` picks one."""
@@ -311,10 +321,7 @@ def plot_attention(tokens: list[str], weights, path: str | Path, layer: int | No
     if head is not None and not 0 <= head < n_heads:
         raise LlmkitError(f"--attention-head {head}: the model has heads 0..{n_heads - 1}")
     layers = [layer] if layer is not None else list(range(n_layers))
-    font = find_cjk_font()
-    if font is None and any(CJK_CHAR.search(token) for token in tokens):
-        warn_once("no CJK font found (install one, e.g. fonts-noto-cjk, or `pip install mplfonts`): "
-                  "Chinese tokens in the attention plot show as boxes")
+    font = label_font(tokens)
     columns = math.ceil(math.sqrt(len(layers)))
     rows = math.ceil(len(layers) / columns)
     side = min(max(4.0, 0.22 * len(tokens) + 1.5), 16.0)

@@ -17,6 +17,7 @@ generated caption is scored attribute by attribute against the truth.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ NUMBERS = ("没有", "一个", "两个", "三个")
 CAPTION_PROMPT = "描述这张图片："
 SPLIT_SIZES = {"train": 6000, "test": 500, "heldout": 500}  # scenes per split
 SPLIT_SEEDS = {"train": 1, "test": 2, "heldout": 3}
-RENDER_SIZE = 64  # pixels; the model's image processor resizes to its encoder's size
+RENDER_SIZE = 48  # pixels; the model's image processor resizes to its encoder's size (48 = a 3 x 3 grid of 16-pixel patches)
 VERSION = 1  # of the generator: a change makes a new image folder in the cache
 
 
@@ -203,7 +204,7 @@ def split_images(split: str, cache: Path) -> tuple[tuple[Scene, str], ...]:
     for number, scene in enumerate(scenes(split)):
         path = folder / f"{number:05d}.png"
         if not path.is_file():
-            partial = path.with_suffix(".part")
+            partial = path.with_suffix(f".{os.getpid()}.part")  # another process may draw the same picture
             render(scene).save(partial, format="PNG")
             partial.replace(path)  # a picture cut short by Ctrl-C is never taken for a whole one
         found.append((scene, str(path)))

@@ -219,6 +219,7 @@ class GenerateSettings:
     engine: Literal["auto", "hf", "ct2"] = "auto"  # hf: transformers; ct2: the model's CTranslate2 export (llmkit export); auto: the export when there is one
     threads: int = 0  # intra-op CPU threads of the engine; 0 = the library's default
     prompt_field: str = "prompt"  # field holding the prompt in a .jsonl --input
+    image_field: str = "image"  # field naming a picture in a .jsonl --input (relative to its folder): a vision-language model then writes about it
     output_field: str = "generated"  # field added to each row of the --output
 
     RANGES = {"max_new_tokens": COUNT, "temperature": NON_NEGATIVE, "top_k": COUNT_OR_ZERO,

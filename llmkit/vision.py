@@ -181,13 +181,14 @@ def plot_image_attention(model, processor, image, prompt: str, generated: str, p
     """For each generated token, the attention it pays to each patch (the last layer of the language model,
     heads averaged, renormalised over the patches), drawn over the picture: a panel per token."""
     import math
+    import warnings
 
     import numpy as np
     import torch
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from llmkit.report import attention_weights_of, find_cjk_font, token_label
+    from llmkit.report import attention_weights_of, label_font, token_label
 
     picture = open_image(image, side=encoder_side(processor))
     start = prompt_ids(processor, prompt)
@@ -201,7 +202,8 @@ def plot_image_attention(model, processor, image, prompt: str, generated: str, p
     grid = int(math.isqrt(len(patches)))
     figure = Figure(figsize=(2.0 * min(len(new), 8), 2.3 * math.ceil(len(new) / 8)), layout="constrained")
     FigureCanvasAgg(figure)
-    font = find_cjk_font()
+    labels = [token_label(processor.tokenizer, token) for token in new]
+    font = label_font(labels)
     shown = np.asarray(picture.resize((256, 256)))
     for number, token in enumerate(new):
         row = weights[len(start) + number - 1, patches]  # the position that predicts this token
@@ -209,9 +211,11 @@ def plot_image_attention(model, processor, image, prompt: str, generated: str, p
         axes = figure.add_subplot(math.ceil(len(new) / 8), min(len(new), 8), number + 1)
         axes.imshow(shown)
         axes.imshow(heat, cmap="inferno", alpha=0.55, extent=(0, 256, 256, 0), interpolation="nearest")
-        axes.set_title(token_label(processor.tokenizer, token), fontproperties=font, fontsize=14)
+        axes.set_title(labels[number], fontproperties=font, fontsize=14)
         axes.axis("off")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")  # said once by label_font
+        figure.savefig(path, dpi=80)
     return path

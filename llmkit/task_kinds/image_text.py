@@ -12,6 +12,7 @@ Image feature, or its {"bytes": ...} form in a Parquet file; the last two are st
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def stored_image(value) -> str:
     path = cache_root() / "images" / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".part")
+        partial = path.with_suffix(f".{os.getpid()}.part")
         partial.write_bytes(data)
         partial.replace(path)
     return str(path)
