@@ -163,3 +163,23 @@ def test_a_much_larger_picture_is_resized_and_said_once(tmp_path, capsys):
     assert capsys.readouterr().err.count("resized") == 1
     with pytest.raises(LlmkitError, match="image not found"):
         open_image(tmp_path / "none.png")
+
+
+def test_lora_on_the_language_model_of_a_trained_vlm_leaves_its_encoder_as_it_was(trained, tmp_path):
+    run_dir, data, _ = trained
+    recipe = load_recipe("caption", [f"run.output_dir={tmp_path / 'runs'}", "run.name=lora", f"model.path={run_dir}",
+                                     "finetune.method=lora", "vision.freeze_tower=true",
+                                     f"finetune.source={data / 'rows.jsonl'}", 'finetune.test_source=""',
+                                     "finetune.validation_fraction=0.2", *TINY_VLM, "train.max_steps=2",
+                                     "train.eval_every=2"])
+    adapter = finetune.run(recipe).run_dir
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert "language_model" in config["target_modules"] and config["modules_to_save"] == ["multi_modal_projector"]
+    base, _ = load_model(str(run_dir), head="image-text-to-text")
+    tuned, processor = load_model(str(adapter), head="image-text-to-text")  # merged onto its base
+    before, after = base.state_dict(), tuned.state_dict()
+    encoder = [name for name in before if "vision_tower" in name]
+    assert encoder and all(torch.equal(before[name], after[name]) for name in encoder)
+    changed = [name for name in before if "language_model" in name and not torch.equal(before[name], after[name])]
+    assert changed and all(name.endswith("proj.weight") for name in changed)
+    assert describe(tuned, processor, [str(data / "pics" / "0.png")], [scenes.CAPTION_PROMPT])
