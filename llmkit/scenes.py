@@ -5,7 +5,7 @@ A scene is one to three objects (a colour and a shape each, with some size and p
 grey or black background. Captions follow one grammar per object count:
 
     一个红色的圆在左边                                  one object: where it is (左边/右边/上边/下边/中间)
-    一个红色的圆在蓝色正方形的左边                      two: where the first is beside the second
+    一个红色的圆在蓝色正方形的左边                      two: the left (or upper) one first: 左边 or 上边
     红色的圆、蓝色的正方形和绿色的星形从左到右排成一行  three: their order in a row or a column
     (…，背景是黑色)                                     a background that is not white
 
@@ -32,13 +32,14 @@ SHAPES = ("圆", "正方形", "三角形", "星形")
 BACKGROUNDS = {"白色": (255, 255, 255), "灰色": (128, 128, 128), "黑色": (0, 0, 0)}
 HELD_OUT = frozenset({("红色", "星形"), ("绿色", "三角形"), ("蓝色", "圆"), ("黄色", "正方形")})  # never trained on
 PLACES = {"左边": (0, 1), "右边": (2, 1), "上边": (1, 0), "下边": (1, 2), "中间": (1, 1)}  # one object: its grid cell
-ROWS = {"从左到右": "horizontal", "从上到下": "vertical"}  # three objects: the direction they are read in
+ROWS = {"从左到右": "horizontal", "从上到下": "vertical"}
+OPPOSITE = {"左边": "右边", "上边": "下边"}  # two objects: where the second is beside the first  # three objects: the direction they are read in
 NUMBERS = ("没有", "一个", "两个", "三个")
 CAPTION_PROMPT = "描述这张图片："
 SPLIT_SIZES = {"train": 6000, "test": 500, "heldout": 500}  # scenes per split
 SPLIT_SEEDS = {"train": 1, "test": 2, "heldout": 3}
 RENDER_SIZE = 48  # pixels; the model's image processor resizes to its encoder's size (48 = a 3 x 3 grid of 16-pixel patches)
-VERSION = 1  # of the generator: a change makes a new image folder in the cache
+VERSION = 2  # of the generator: a change makes a new image folder in the cache
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,11 @@ def place(rng: random.Random, count: int) -> tuple[tuple[tuple[int, int], ...], 
         position = rng.choice(list(PLACES))
         return (PLACES[position],), position
     line = rng.randrange(3)  # the row (or column) the objects share
-    if count == 2:
-        first, second = rng.sample(range(3), 2)
+    if count == 2:  # the first object is the left (or upper) one: one caption per picture, not two
+        first, second = sorted(rng.sample(range(3), 2))
         if rng.random() < 0.5:
-            return ((first, line), (second, line)), "左边" if first < second else "右边"
-        return ((line, first), (line, second)), "上边" if first < second else "下边"
+            return ((first, line), (second, line)), "左边"
+        return ((line, first), (line, second)), "上边"
     if rng.random() < 0.5:
         return tuple((column, line) for column in range(3)), "从左到右"
     return tuple((line, row) for row in range(3)), "从上到下"
@@ -151,8 +152,10 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
         asked.append(("图中有几个图形？", NUMBERS[len(things)], "count"))
     if len(things) == 1:
         asked.append((f"{described(things[0])}在哪里？", scene.position, "position"))
-    elif len(things) == 2:
-        asked.append((f"{described(things[0])}在{things[1].colour}{things[1].shape}的哪一边？", scene.position,
+    elif len(things) == 2:  # about either object: the answer is the caption's side or its opposite
+        subject, other = (0, 1) if rng.random() < 0.5 else (1, 0)
+        side = scene.position if subject == 0 else OPPOSITE[scene.position]
+        asked.append((f"{described(things[subject])}在{things[other].colour}{things[other].shape}的哪一边？", side,
                       "position"))
     else:
         first = "最左边" if scene.position == "从左到右" else "最上边"
