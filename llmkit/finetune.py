@@ -100,7 +100,9 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
                               load_best_model_at_end=True, metric_for_best_model=metric,
                               greater_is_better=not metric.endswith("loss"), remove_unused_columns=False,
-                              train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
+                              # batches of similar lengths: little padding (llmkit.tasks says where not)
+                              train_sampling_strategy="group_by_length" if tasks.TASKS[settings.task].group_by_length
+                              else "random",
                               label_names=list(tasks.TASKS[settings.task].targets),
                               **({"save_steps": recipe.train.eval_every} if recipe.train.eval_every else {}))
     start_run(folder, recipe, args, resume, data_fingerprint(data))

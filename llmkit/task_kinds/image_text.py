@@ -150,9 +150,7 @@ def encode(settings, processor, rows: list[dict], label2id: dict[str, int]) -> F
         if len(start) >= settings.max_length:
             continue  # nothing of the target would be left to learn
         ids, labels = ids[:settings.max_length], labels[:settings.max_length]
-        # "length": what the Trainer groups batches by (it would look for the processor's pixel_values)
-        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "image": image,
-                         "length": len(ids)})
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "image": image})
     return Features(features, truncated, len(rows) - len(features))
 
 
@@ -164,7 +162,7 @@ def collator(processor, virtual_tokens: int = 0):
     side = encoder_side(processor)
 
     def collate(rows: list[dict]) -> dict:
-        batch = pad([{k: v for k, v in row.items() if k not in ("image", "length")} for row in rows])
+        batch = pad([{k: v for k, v in row.items() if k != "image"} for row in rows])
         batch["pixel_values"] = pixel_values(processor, [open_image(row["image"], side=side) for row in rows])
         return batch
 
