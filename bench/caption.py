@@ -60,7 +60,7 @@ def main() -> None:
     scores = score_splits(result.run_dir, recipe.train.eval_batch_size)
 
     table = Table(title=f"{recipe.run.name}: captions of pictures it never saw (greedy)")
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True)
     for name in SPLITS:
         table.add_column(name, justify="right")
         table.add_column("text-only baseline", justify="right")
