@@ -10,6 +10,8 @@ from llmkit.devices import gpu_precision
 from llmkit.errors import LlmkitError, first_line
 from llmkit.settings import ADAPTER_METHODS, FinetuneSettings
 from llmkit.tasks import TASKS
+from llmkit.vision import LANGUAGE_MODEL_LINEARS, PROJECTOR
+
 HEAD_MODULES = ["score", "classifier", "qa_outputs"]  # new task heads: trained in full beside the adapter
 
 
@@ -29,9 +31,12 @@ def peft_config(settings: FinetuneSettings, model):
     task_type = TASKS[settings.task].peft_task_type
     if settings.method in ADAPTER_METHODS:
         heads = [name for name in HEAD_MODULES if hasattr(model, name)]
+        targets = "all-linear"
+        if hasattr(model.config, "vision_config"):  # a vision-language model: the adapter on its language model
+            targets, heads = LANGUAGE_MODEL_LINEARS, [*heads, PROJECTOR]
         return peft.LoraConfig(task_type=task_type, r=settings.lora_r, lora_alpha=settings.lora_alpha,
                                lora_dropout=settings.lora_dropout, use_dora=settings.method == "dora",
-                               target_modules=settings.target_modules or "all-linear",
+                               target_modules=settings.target_modules or targets,
                                modules_to_save=heads or None)
     if settings.method == "prompt-tuning":
         return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=settings.num_virtual_tokens)

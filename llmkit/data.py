@@ -11,14 +11,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from llmkit.corpora import BUILTIN_CORPORA, BUILTIN_DATASETS, SPLITS
+from llmkit.corpora import BUILTIN_CORPORA, BUILTIN_DATASETS, SPLITS, cache_root
 from llmkit.errors import LlmkitError, did_you_mean, first_line
 from llmkit.recipe import looks_local
 from llmkit.rundir import jsonl_values, read_text
@@ -184,7 +183,7 @@ def check_columns(row: object, columns: Sequence[str], text_columns: int, where:
 
 def blocks_cache() -> Path:
     """Where tokenized, packed blocks are cached (by content): $LLMKIT_CACHE/blocks."""
-    return Path(os.environ.get("LLMKIT_CACHE", Path.home() / ".cache" / "llmkit")) / "blocks"
+    return cache_root() / "blocks"
 
 
 def pack_blocks(documents: list[str], tokenizer, block_size: int, cache_dir: Path | None = None):

@@ -38,7 +38,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     `force`: resume although the recipe differs from the run's in keys that matter."""
     from llmkit import rundir
     from llmkit.console import quiet_libraries, stdout
+    from llmkit.loading import VISION_HEAD, loaded_config, resolve_model
     from llmkit.training import run_folder
+    from llmkit.vision import check_vision_model
 
     quiet_libraries()
     settings = recipe.finetune
@@ -49,6 +51,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, callbacks
     if settings.method != "full" and Path(recipe.model.path).resolve() == run_dir.resolve():
         raise LlmkitError(f"model.path {recipe.model.path} is this run's own folder: an adapter needs its base model "
                           f"to stay; set another run.name")
+    if tasks.TASKS[settings.task].head == VISION_HEAD and recipe.model.path and not settings.tasks:
+        check_vision_model(recipe.model.path, loaded_config(resolve_model(recipe.model.path)))
     if settings.tasks and recipe.distill.teacher:
         raise LlmkitError("distill.teacher: multi-task fine-tuning (finetune.tasks) does not distill; "
                           "distill each task's model on its own")
@@ -84,7 +88,9 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
                               load_best_model_at_end=True, metric_for_best_model=metric,
                               greater_is_better=not metric.endswith("loss"), remove_unused_columns=False,
-                              train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
+                              # batches of similar lengths: little padding (llmkit.tasks says where not)
+                              train_sampling_strategy="group_by_length" if tasks.TASKS[settings.task].group_by_length
+                              else "random",
                               label_names=list(tasks.TASKS[settings.task].targets),
                               **({"save_steps": recipe.train.eval_every} if recipe.train.eval_every else {}))
     with console.status("reading data"):
@@ -95,6 +101,7 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     transformers.set_seed(recipe.run.seed)
     with console.status("loading the model"):
         model = apply_method(settings, build_task_model(recipe, tokenizer, data.labels))
+    tokenizer = task_processor(recipe, tokenizer)
     train_features, validation_features = map(datasets.Dataset.from_list, encode_splits(recipe, tokenizer, data, model))
 
     start_run(folder, recipe, args, resume, data_fingerprint(data))
@@ -136,6 +143,17 @@ def task_tokenizer(recipe: Recipe, parts: list[tuple[FinetuneSettings, task_data
         if prepare:
             prepare(tokenizer, settings)
     return tokenizer
+
+
+def task_processor(recipe: Recipe, tokenizer):
+    """What reads a task's inputs, saved beside the model: the tokenizer, or a vision task's processor (its
+    image processor and the tokenizer)."""
+    from llmkit.loading import resolve_model
+
+    processing = getattr(task_data.implementation(recipe.finetune.task), "processing_class", None)
+    if not processing:
+        return tokenizer
+    return processing(recipe, tokenizer, resolve_model(recipe.model.path) if recipe.model.path else "")
 
 
 def load_teacher(recipe: Recipe, tokenizer, labels: list[str]):
@@ -295,10 +313,10 @@ def save_head_config(model, run_dir: Path) -> None:
 
 def merge(recipe: Recipe, tokenizer, labels: list[str], run_dir: Path) -> None:
     from llmkit.adapters import merge_adapter
-    from llmkit.loading import build_task_model
+    from llmkit.loading import build_task_model, text_tokenizer
 
     merged = run_dir / "merged"
-    merge_adapter(run_dir, merged, lambda: build_task_model(recipe, tokenizer, labels, quantize=False))
+    merge_adapter(run_dir, merged, lambda: build_task_model(recipe, text_tokenizer(tokenizer), labels, quantize=False))
     tokenizer.save_pretrained(str(merged))
 
 

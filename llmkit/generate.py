@@ -22,6 +22,7 @@ from llmkit.generation import ChatSession, check_prompt, encoder_decoder, genera
 from llmkit.engines import Ct2Model, load_generator
 from llmkit.report import plot_generation_attention
 from llmkit.rundir import jsonl_values, read_text, write_text
+from llmkit.scenes import CAPTION_PROMPT
 from llmkit.settings import GenerateSettings, Recipe
 
 
@@ -33,16 +34,18 @@ class AttentionPlot:
 
 
 def run(recipe: Recipe, *, seed: int | None = None, prompt: str | None = None, input_path: Path | None = None,
-        output_path: Path | None = None, chat: bool = False, attention: AttentionPlot | None = None) -> None:
+        output_path: Path | None = None, chat: bool = False, attention: AttentionPlot | None = None,
+        images: list[Path] | None = None) -> None:
     """`llmkit generate` with the recipe's [generate] settings: one prompt (or the settings' prompts), a
-    batch file, or a chat session. `seed`: None = run.seed."""
+    batch file, or a chat session; with `images`, or an --input whose rows name pictures (generate.image_field),
+    a vision-language model writes about each picture. `seed`: None = run.seed."""
     from llmkit.console import console, quiet_libraries, stdout
 
     quiet_libraries()
     settings, output_dir = recipe.generate, recipe.run.output_dir
     seed = recipe.run.seed if seed is None else seed
-    if sum(bool(x) for x in (prompt is not None, input_path, chat)) > 1:
-        raise LlmkitError("--prompt, --input and --chat exclude each other")
+    if sum(bool(x) for x in (prompt is not None and not images, input_path, chat, images)) > 1:
+        raise LlmkitError("--prompt, --input, --image and --chat exclude each other (--image takes a --prompt)")
     if output_path is not None and input_path is None:
         raise LlmkitError("--output needs --input")
     if prompt is not None:
@@ -50,7 +53,12 @@ def run(recipe: Recipe, *, seed: int | None = None, prompt: str | None = None, i
     rows = None
     if input_path is not None:  # read and check the prompts before the model loads
         check_output_path(output_path)
+        if image_rows(input_path, settings.image_field):
+            return run_images(recipe, read_image_rows(input_path, settings), output_path, seed, attention)
         rows = read_prompts(input_path, settings.prompt_field)
+    if images:
+        rows = [{settings.image_field: str(path), settings.prompt_field: prompt or CAPTION_PROMPT} for path in images]
+        return run_images(recipe, rows, None, seed, attention)
     # the attention plot reads the weights of a transformers model: auto picks it then
     engine = "hf" if attention is not None and settings.engine == "auto" else settings.engine
     model, tokenizer = load_generator(settings.model or None, engine=engine, threads=settings.threads,
@@ -79,6 +87,61 @@ def run(recipe: Recipe, *, seed: int | None = None, prompt: str | None = None, i
                 path = plot_generation_attention(model, tokenizer, generation.ids, attention.path, attention.layer,
                                                  attention.head)
                 console.print(f"attention plot: {path}", markup=False)
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def run_images(recipe: Recipe, rows: list[dict], output_path: Path | None, seed: int,
+               attention: AttentionPlot | None) -> None:
+    """Each row's picture (and prompt) through the newest vision-language model (or generate.model): one
+    text per picture on stdout (after its path when there are several), or the rows with it in --output."""
+    from llmkit.console import console
+    from llmkit.loading import VISION_HEAD, load_model
+    from llmkit.vision import describe, encoder_side, open_image, plot_image_attention
+
+    settings = recipe.generate
+    for number, row in enumerate(rows, 1):  # every picture read before the model loads
+        open_image(row[settings.image_field], f"image {number}" if len(rows) > 1 else "")
+    model, processor = load_model(settings.model or None, output_dir=recipe.run.output_dir, device=settings.device,
+                                  dtype=settings.dtype, head=VISION_HEAD)
+    images = [open_image(row[settings.image_field], side=encoder_side(processor)) for row in rows]
+    texts = describe(model, processor, images, [row[settings.prompt_field] for row in rows], settings,
+                     batch_size=settings.batch_size, seed=seed)
+    for row, text in zip(rows, texts):
+        row[settings.output_field] = text
+    if output_path is not None:
+        write_results(output_path, rows, settings)
+    else:
+        several = len(rows) > 1
+        sys.stdout.write("".join((f"{row[settings.image_field]}\t" if several else "") + text + "\n"
+                                 for row, text in zip(rows, texts)))
+    if attention is not None:
+        path = plot_image_attention(model, processor, images[0], rows[0][settings.prompt_field], texts[0],
+                                    attention.path)
+        console.print(f"attention plot: {path}", markup=False)
+
+
+def image_rows(path: Path, image_field: str) -> bool:
+    """Whether a .jsonl --input names pictures (its first row has the image field)."""
+    if Path(path).suffix != ".jsonl" or not Path(path).is_file():
+        return False
+    first = next(iter(jsonl_values(path)), (None, None))[1]
+    return isinstance(first, dict) and image_field in first
+
+
+def read_image_rows(path: Path, settings: GenerateSettings) -> list[dict]:
+    """Rows naming a picture (relative to the file's folder) and, optionally, a prompt (else the caption prompt)."""
+    rows = []
+    for where, row in jsonl_values(path):
+        if not isinstance(row, dict) or not isinstance(row.get(settings.image_field), str):
+            raise LlmkitError(f"{where}: expected a JSON object with an {settings.image_field!r} field naming a picture")
+        picture = Path(row[settings.image_field])
+        row[settings.image_field] = str(picture if picture.is_absolute() else Path(path).parent / picture)
+        row.setdefault(settings.prompt_field, CAPTION_PROMPT)
+        check_prompt(row[settings.prompt_field], where)
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------- prompt files

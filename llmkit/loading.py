@@ -20,6 +20,9 @@ from llmkit.rundir import latest_name
 from llmkit.settings import ModelSettings, Recipe
 from llmkit.tasks import HEADS, TASKS
 from llmkit.tokenizer import load_tokenizer
+from llmkit.vision import check_vision_model, freeze_tower, load_processor, vlm_config
+
+VISION_HEAD = "image-text-to-text"  # llmkit.tasks.HEADS: a model that reads pictures and writes text
 
 NO_MODEL = ("no trained model found in {output_dir}/; train one with `llmkit pretrain pretrain-zh-tiny` "
             "or pass --model")
@@ -76,23 +79,22 @@ def load_model(model: str | None = None, *, output_dir: str | Path = "runs", dev
         else:
             loaded = load_pretrained(source, device, dtype, head)
             tokenizer = load_tokenizer(source)
+        if head == VISION_HEAD:  # its processor: the image processor and the tokenizer
+            tokenizer = load_processor(source)
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
     loaded.eval()
-    return loaded, prepare_tokenizer(tokenizer)
+    prepare_tokenizer(text_tokenizer(tokenizer))
+    return loaded, tokenizer
 
 
 def load_pretrained(source: str, device: str, dtype: str, head: str = "causal-lm", config_source: str | None = None):
     """The model at `source`; `config_source` supplies another config (an adapter run's task head)."""
     import transformers
     from safetensors import SafetensorError
-    from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(config_source or source)
-    except (OSError, ValueError) as error:
-        raise LlmkitError(f"cannot load a model from {config_source or source}: {first_line(error)}") from None
+    config = loaded_config(config_source or source)
     quantized = getattr(config, "quantization_config", None) is not None
     # A quantized model loads as saved (its weights cannot be cast or moved after loading); the tensors
     # it keeps unquantized (embeddings, norms) load in the dtype asked for.
@@ -159,6 +161,11 @@ def load_adapter(path: Path, device: str, dtype: str, head: str = "causal-lm"):
         model = model.merge_and_unload()
     has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
     return model, load_tokenizer(str(path) if has_tokenizer else base_source)
+
+
+def text_tokenizer(processing):
+    """The tokenizer of a processor (a vision-language model's), or the tokenizer itself."""
+    return getattr(processing, "tokenizer", processing)
 
 
 def prepare_tokenizer(tokenizer):
@@ -274,9 +281,13 @@ def build_task_model(recipe: Recipe, tokenizer, labels: list[str], quantize: boo
     options = head_options(tokenizer, labels)
     if not recipe.model.path:
         config = model_config(recipe.model, tokenizer, objective_of(recipe.model.arch, head))
+        if head == VISION_HEAD:
+            config = vlm_config(recipe.vision, config, tokenizer)
         config.update(options)
-        return no_head_error(lambda: auto.from_config(config), config.model_type, head)
+        return frozen_tower(recipe, no_head_error(lambda: auto.from_config(config), config.model_type, head))
     source = resolve_model(recipe.model.path)
+    if head == VISION_HEAD:
+        check_vision_model(source, loaded_config(source))
     quantize = settings.method == "qlora" if quantize is None else quantize
     if quantize:
         options |= {"quantization_config": quantization_config(source, auto), "device_map": {"": pick_device()}}
@@ -286,7 +297,23 @@ def build_task_model(recipe: Recipe, tokenizer, labels: list[str], quantize: boo
     except (OSError, ImportError) as error:
         raise LlmkitError(f"model.path {source}: cannot load it: {first_line(error)}") from None
     fit_vocabulary(model, tokenizer)
+    return frozen_tower(recipe, model)
+
+
+def frozen_tower(recipe: Recipe, model):
+    """vision.freeze_tower: a vision-language model's encoder keeps its weights."""
+    if recipe.vision.freeze_tower and TASKS[recipe.finetune.task].head == VISION_HEAD:
+        freeze_tower(model)
     return model
+
+
+def loaded_config(source: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise LlmkitError(f"cannot load a model from {source}: {first_line(error)}") from None
 
 
 def objective_of(arch: str, head: str) -> str:

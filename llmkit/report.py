@@ -87,8 +87,10 @@ def write_model_card(path: Path, *, name: str, description: str, origin: Origin,
     written elsewhere first (a run written aside and swapped in by --overwrite); default: the card's folder."""
     location = location or path.parent
     parameters = sum(p.numel() for p in model.parameters())
-    config = model.config
+    config = model.config.get_text_config()  # a vision-language model's: its language model's
     loader = HEADS[origin.head].auto_class
+    reader = "AutoProcessor" if hasattr(tokenizer, "image_processor") else "AutoTokenizer"
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     lines = [
         f"# {name}",
         "",
@@ -105,9 +107,9 @@ def write_model_card(path: Path, *, name: str, description: str, origin: Origin,
     lines += [f"| {part.split} {metric} | {value:.4f} |"
               for part in scores for metric, value in measured(part.values).items()]
     lines += [f"| {label} | {value} |" for label, value in (rows or {}).items()]
-    lines += use_and_samples([f"from transformers import AutoTokenizer, {loader}",
+    lines += use_and_samples([f"from transformers import {reader}, {loader}",
                               f'model = {loader}.from_pretrained("{location}")',
-                              f'tokenizer = AutoTokenizer.from_pretrained("{location}")'],
+                              f'{reader.removeprefix("Auto").lower()} = {reader}.from_pretrained("{location}")'],
                              "`recipe.toml` (how it was made, re-runnable), `provenance.json` (versions, commit, "
                              "data fingerprint), `metrics.jsonl` and `loss.png`", samples)
     write_text(path, model_card(name, origin, scores, lines))
@@ -229,8 +231,16 @@ def hub_id(name: str) -> bool:
 
 
 def attention_weights(model, tokenizer, ids: list[int]):
-    """(token labels, weights [layers, heads, tokens, tokens]) from one forward pass over `ids` with
-    eager attention (the fused kernels do not return weights)."""
+    """(token labels, weights [layers, heads, tokens, tokens]) from one forward pass over `ids`."""
+    import torch
+
+    weights = attention_weights_of(model, {"input_ids": torch.tensor([ids], device=model.device)})
+    return [token_label(tokenizer, token) for token in ids], weights
+
+
+def attention_weights_of(model, inputs: dict):
+    """Weights [layers, heads, tokens, tokens] of one forward pass over a batch of one (`inputs`: the model's
+    keyword arguments), with eager attention (the fused kernels do not return weights)."""
     import torch
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -238,14 +248,12 @@ def attention_weights(model, tokenizer, ids: list[int]):
     inner.set_attn_implementation("eager")
     try:
         with torch.inference_mode():
-            output = model(input_ids=torch.tensor([ids], device=model.device), output_attentions=True,
-                           use_cache=False)
+            output = model(**inputs, output_attentions=True, use_cache=False)
     finally:
         inner.set_attn_implementation(previous)
     if not output.attentions or output.attentions[0] is None:
         raise LlmkitError(f"{type(inner).__name__} does not return attention weights")
-    weights = torch.stack([layer[0].float().cpu() for layer in output.attentions])
-    return [token_label(tokenizer, token) for token in ids], weights
+    return torch.stack([layer[0].float().cpu() for layer in output.attentions])
 
 
 def token_label(tokenizer, token: int) -> str:
@@ -289,6 +297,16 @@ def warn_once(message: str) -> None:
         console.print(f"warning: {message}", markup=False)
 
 
+def label_font(tokens: list[str]):
+    """A CJK font for the labels of a plot (None: matplotlib's default), with a warning, once, when the
+    labels need one and there is none."""
+    font = find_cjk_font()
+    if font is None and any(CJK_CHAR.search(token) for token in tokens):
+        warn_once("no CJK font found (install one, e.g. fonts-noto-cjk, or `pip install mplfonts`): "
+                  "Chinese tokens in the attention plot show as boxes")
+    return font
+
+
 def plot_attention(tokens: list[str], weights, path: str | Path, layer: int | None = None,
                    head: int | None = None) -> Path:
     """A heatmap of attention per layer (heads averaged, or `head`), in a grid; `layer` picks one."""
@@ -303,10 +321,7 @@ def plot_attention(tokens: list[str], weights, path: str | Path, layer: int | No
     if head is not None and not 0 <= head < n_heads:
         raise LlmkitError(f"--attention-head {head}: the model has heads 0..{n_heads - 1}")
     layers = [layer] if layer is not None else list(range(n_layers))
-    font = find_cjk_font()
-    if font is None and any(CJK_CHAR.search(token) for token in tokens):
-        warn_once("no CJK font found (install one, e.g. fonts-noto-cjk, or `pip install mplfonts`): "
-                  "Chinese tokens in the attention plot show as boxes")
+    font = label_font(tokens)
     columns = math.ceil(math.sqrt(len(layers)))
     rows = math.ceil(len(layers) / columns)
     side = min(max(4.0, 0.22 * len(tokens) + 1.5), 16.0)

@@ -105,6 +105,29 @@ class ModelSettings:
 
 
 @dataclass
+class VisionSettings:
+    """The image side of a vision-language model built from scratch (finetune.task = "caption" or "vqa"):
+    a ViT (CLIP vision config) whose patch features a projector maps into the language model's [model]."""
+
+    image_size: int = 32  # pixels per side the encoder reads (images are resized to it)
+    patch_size: int = 8  # pixels per side of a patch: (image_size / patch_size)^2 image tokens, plus one for CLS
+    n_layer: int = 2  # transformer blocks of the encoder
+    n_head: int = 2  # attention heads per block
+    d_model: int = 64  # hidden size of the encoder
+    freeze_tower: bool = False  # keep the vision encoder as it is (only the projector and the language model learn)
+
+    RANGES = {"image_size": COUNT, "patch_size": COUNT, "n_layer": COUNT, "n_head": COUNT, "d_model": COUNT}
+
+    def check(self) -> None:
+        check_ranges(self, "vision")
+        if self.image_size % self.patch_size:
+            raise LlmkitError(f"vision.image_size ({self.image_size}) must be a multiple of vision.patch_size "
+                              f"({self.patch_size})")
+        if self.d_model % self.n_head:
+            raise LlmkitError(f"vision.d_model ({self.d_model}) must be divisible by vision.n_head ({self.n_head})")
+
+
+@dataclass
 class TokenizerSettings:
     path: str = field(default="", metadata=PATH)  # load this tokenizer (dir or hub id); "" = train one
     kind: Literal["char", "bpe"] = "char"  # what to train: one token per character, or byte-level BPE
@@ -201,6 +224,7 @@ class GenerateSettings:
     engine: Literal["auto", "hf", "ct2"] = "auto"  # hf: transformers; ct2: the model's CTranslate2 export (llmkit export); auto: the export when there is one
     threads: int = 0  # intra-op CPU threads of the engine; 0 = the library's default
     prompt_field: str = "prompt"  # field holding the prompt in a .jsonl --input
+    image_field: str = "image"  # field naming a picture in a .jsonl --input (relative to its folder): a vision-language model then writes about it
     output_field: str = "generated"  # field added to each row of the --output
 
     RANGES = {"max_new_tokens": COUNT, "temperature": NON_NEGATIVE, "top_k": COUNT_OR_ZERO,
@@ -231,17 +255,19 @@ FinetuneTask = Literal[FINETUNE_TASKS]  # the tasks `llmkit finetune` trains for
 class Columns:
     """Column names of task data (.jsonl, .csv, .parquet, hub); the defaults are the usual ones."""
 
-    text_column: str = "text"  # perplexity, classification: the text
+    text_column: str = "text"  # perplexity, classification: the text; caption: the caption
     text_pair_column: str = ""  # classification of text pairs: the second text
     label_column: str = "label"  # classification: the gold label (name or id)
     tokens_column: str = "tokens"  # token-classification: list of words/characters
     tags_column: str = "tags"  # token-classification: BIO tags, one per token
-    question_column: str = "question"  # extractive-qa
+    question_column: str = "question"  # extractive-qa, vqa
     context_column: str = "context"  # extractive-qa
     answers_column: str = "answers"  # extractive-qa: answer text, a list of them, or {"text": [...], "answer_start": [...]}
     prompt_column: str = "prompt"  # generation, causal-lm fine-tuning: the prompt
     reference_column: str = "reference"  # generation: reference text (or a list of them)
     response_column: str = "response"  # causal-lm: the answer to learn (loss on these tokens only); seq2seq: the target text
+    image_column: str = "image"  # caption, vqa: the picture (a file path, relative to the data file, or a hub Image)
+    answer_column: str = "answer"  # vqa: the answer to the question (question_column)
 
 
 @dataclass
@@ -513,6 +539,7 @@ def check_pretraining(recipe: "Recipe") -> None:
 class Recipe:
     run: RunSettings = field(default_factory=RunSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
+    vision: VisionSettings = field(default_factory=VisionSettings)
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)

@@ -102,6 +102,9 @@ def read_rows(settings: FinetuneSettings, source: str, hub_split: str) -> list[d
     columns, text_columns = tasks.columns_of(settings.task, settings)
     rows = load_rows(source, columns, hub_split=hub_split, text_columns=text_columns)
     task = implementation(settings.task)
+    with_source = getattr(task, "with_source", None)
+    if with_source:  # rows that name files (pictures): relative names resolve against the data's folder
+        rows = with_source(rows, settings, source)
     return [task.prepare_row(row, settings, f"{source}: row {number}") for number, row in enumerate(rows, 1)]
 
 

@@ -37,6 +37,7 @@ HEADS = {
                                  "token-classification"),
     "question-answering": Head("AutoModelForQuestionAnswering", ("ForQuestionAnswering",), "question-answering"),
     "seq2seq-lm": Head("AutoModelForSeq2SeqLM", ("ForConditionalGeneration",), "text2text-generation"),
+    "image-text-to-text": Head("AutoModelForImageTextToText", ("ForConditionalGeneration",), "image-text-to-text"),
 }
 
 
@@ -55,6 +56,8 @@ class Task:
     has_labels: bool = False  # a label vocabulary, kept in the model's config (id2label)
     distillable: bool = False  # a teacher's output distribution can be matched token by token or per example
     shares_encoder: bool = False  # its head reads the base model's hidden states: it can join a multi-task model
+    group_by_length: bool = True  # training batches of similar lengths (little padding); False: drawn at random, where a
+    # batch of one length is one kind of example (scenes of three objects) and would pull the model one way at a time
 
     @property
     def fine_tunable(self) -> bool:
@@ -86,6 +89,16 @@ TASKS = {
     # scored by greedy generation (exact match, BLEU, chrF); its loss picks the checkpoint
     "seq2seq": Task("seq2seq", "seq2seq-lm", ("prompt_column", "response_column"), 2,
                     headline=("exact_match", "chrf", "bleu"), peft_task_type="SEQ_2_SEQ_LM"),
+    # pictures as prompts, with a vision-language model (llmkit.vision): image_column -> its caption
+    # (text_column), or image_column + question_column -> answer_column; scored by greedy generation
+    "caption": Task("image_text", "image-text-to-text", ("image_column", "text_column"),
+                    headline=("attribute_accuracy", "exact_match", "bleu", "chrf"),
+                    select_by=("chrf", "attribute_accuracy", "exact_match", "bleu"), peft_task_type="CAUSAL_LM",
+                    group_by_length=False),
+    "vqa": Task("image_text", "image-text-to-text", ("image_column", "question_column", "answer_column"),
+                headline=("attribute_accuracy", "exact_match", "chrf"),
+                select_by=("exact_match", "attribute_accuracy", "chrf"), peft_task_type="CAUSAL_LM",
+                group_by_length=False),
 }
 EVAL_KINDS = tuple(name for name, task in TASKS.items() if not task.scored_as)  # what `llmkit eval` scores
 FINETUNE_TASKS = tuple(name for name, task in TASKS.items() if task.fine_tunable)

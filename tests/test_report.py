@@ -116,7 +116,7 @@ def test_a_data_source_is_named_in_a_card_by_its_id_name_and_split(source, split
 
 def test_every_head_has_a_pipeline_tag_the_hub_knows():
     known = {"text-generation", "fill-mask", "text-classification", "token-classification", "question-answering",
-             "text2text-generation"}
+             "text2text-generation", "image-text-to-text"}
     assert {head.pipeline_tag for head in HEADS.values()} == known
 
 

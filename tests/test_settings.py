@@ -110,6 +110,11 @@ def test_every_finetune_metric_is_one_the_task_reports():
     """The names come from what the tasks' scorers return (llmkit.metrics) plus the Trainer's loss; the
     first is the one a run selects by when the recipe names none."""
     from llmkit.metrics import classification_metrics, entity_metrics, squad_metrics
+    from llmkit.settings import EvalTask
+    from llmkit.task_kinds.image_text import measures
+
+    captions = ["一个红色的圆在左边", "一个蓝色的星形在中间"]
+    questions = [{"image": "a", "question": "图中有几个圆？", "answer": "一个", "attribute": "count"}]
 
     reported = {
         "classification": classification_metrics(["a", "b"], ["a", "a"], labels=["a", "b"]),
@@ -117,9 +122,11 @@ def test_every_finetune_metric_is_one_the_task_reports():
         "extractive-qa": squad_metrics(["x"], ["x"]),
         "causal-lm": {},  # validation is the loss only
         "seq2seq": {},  # likewise: generating at every evaluation is too slow
+        "caption": measures([{}, {}], captions, captions, EvalTask(kind="caption")),
+        "vqa": measures(questions, ["一个"], ["一个"], EvalTask(kind="vqa")),
     }
     DEFAULT_METRIC = {"classification": "accuracy", "token-classification": "f1", "extractive-qa": "f1",
-                      "causal-lm": "loss", "seq2seq": "loss"}
+                      "causal-lm": "loss", "seq2seq": "loss", "caption": "chrf", "vqa": "exact_match"}
     FINETUNE_METRICS = {task: selection_metrics(task) for task in FINETUNE_TASKS}
     assert set(FINETUNE_METRICS) == set(reported)
     for task, metrics in FINETUNE_METRICS.items():

@@ -30,7 +30,7 @@ def test_the_recipe_vocabulary_is_the_table():
     assert typing.get_args(hints["kind"]) == tasks.EVAL_KINDS == tuple(
         name for name, task in tasks.TASKS.items() if not task.scored_as)
     assert typing.get_args(hints["task"]) == tasks.FINETUNE_TASKS == (
-        "classification", "token-classification", "extractive-qa", "causal-lm", "seq2seq")
+        "classification", "token-classification", "extractive-qa", "causal-lm", "seq2seq", "caption", "vqa")
 
 
 def test_columns_read_follow_the_settings_and_skip_an_unset_optional_one():
