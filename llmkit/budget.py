@@ -5,8 +5,8 @@ fp32, one with avx512_bf16 or AMX in bf16, a GPU faster still). A budget in minu
 right on each: a few real steps, on a copy of the model and with the run's own batches and precision,
 measure the time of one; the run then takes as many steps as fit (train.max_steps stays a ceiling), and
 its learning-rate schedule is laid out over exactly those. The count is fixed from then on: the run's
-recipe.toml records it, so that a resumed run continues the same schedule, and every rank of a distributed
-run takes rank 0's count.
+recipe.toml records it, so that a resumed run continues the same schedule (train.max_steps still caps it),
+and every rank of a distributed run takes rank 0's count.
 """
 
 from __future__ import annotations

@@ -216,7 +216,9 @@ def activation_estimate(config, recipe: Recipe, command: str, length: int, preci
     (Korthikanti et al. 2022, "Reducing activation recomputation in large transformer models"), twice that in
     fp32, without the 5·a·s/h of the attention scores where SDPA or flash attention computes them (and keeps
     none); with gradient checkpointing each layer keeps its input only, and one layer is recomputed at a time. A
-    language model head adds its vocabulary logits, plus their fp32 copy and log-softmax in the loss."""
+    language model head adds its vocabulary logits, plus their fp32 copy and log-softmax in the loss. For a
+    vision-language model, its language model's (the vision tower's are not counted)."""
+    config = config.get_text_config()
     batch, hidden, heads = recipe.train.batch_size, config.hidden_size, config.num_attention_heads
     layers = config.num_hidden_layers + getattr(config, "num_decoder_layers", 0)
     scale = 2 if precision == "fp32" else 1
@@ -227,7 +229,7 @@ def activation_estimate(config, recipe: Recipe, command: str, length: int, preci
     else:
         kept = layers * per_layer
     head = tasks.TASKS[recipe.finetune.task].head if command == "finetune" else "causal-lm"
-    if head in ("causal-lm", "masked-lm", "seq2seq-lm"):
+    if head in ("causal-lm", "masked-lm", "seq2seq-lm", "image-text-to-text"):
         kept += batch * length * config.vocab_size * (2 * 2 * scale + 8)
     return int(kept)
 

@@ -320,7 +320,7 @@ def start_run(folder: rundir.RunFolder, recipe: Recipe, args, resume: bool, data
 def fit_to_budget(recipe: Recipe, model, batches, args, run_dir: Path, resume: bool) -> None:
     """train.max_minutes: lay the run out over the optimizer steps that fit (llmkit.budget), measured here
     on every rank with `batches` (the run's own), rank 0's count taken by all; a resumed run keeps the count
-    its recipe.toml recorded. The count becomes the recipe's train.max_steps (start_run records it) and the
+    its recipe.toml recorded (or train.max_steps, if that is now lower). The count becomes the recipe's train.max_steps (start_run records it) and the
     Trainer's (`args`)."""
     import torch
     from accelerate.utils import broadcast_object_list
@@ -328,8 +328,8 @@ def fit_to_budget(recipe: Recipe, model, batches, args, run_dir: Path, resume: b
     from llmkit.budget import seconds_per_step, steps_within
 
     train = recipe.train
-    if resume:
-        steps = load_recipe(run_dir / "recipe.toml").train.max_steps
+    if resume:  # the recorded count, unless the recipe's ceiling is now lower
+        steps = min(load_recipe(run_dir / "recipe.toml").train.max_steps, train.max_steps)
     else:
         with torch.random.fork_rng(devices=[]):  # the run's own random draws stay those of an unbudgeted run
             per_step = seconds_per_step(model, batches, train, training_precision(train.precision).dtype,
