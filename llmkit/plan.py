@@ -264,10 +264,12 @@ def measure_step(recipe: Recipe, command: str, model, tokenizer, length: int, st
 
     from llmkit.budget import seconds_per_step
     from llmkit.devices import pick_device, training_precision
+    from llmkit.training import language_model_collator
 
     rows = random_rows(recipe, command, model, tokenizer, length)
-    examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
-    collate = mlm_collator(recipe, command, tokenizer) or default_data_collator
+    examples = [{key: torch.tensor(value) for key, value in zip(rows, values)} for values in zip(*rows.values())]
+    # pretraining batches as the run makes them (masked for a masked LM); the others stacked as they are
+    collate = language_model_collator(recipe.train, tokenizer) if command == "pretrain" else default_data_collator
     size = recipe.train.batch_size
     batches = [collate(examples[i: i + size]) for i in range(0, len(examples), size)]
     cuda = torch.cuda.is_available()
@@ -304,15 +306,6 @@ def random_rows(recipe: Recipe, command: str, model, tokenizer, length: int) -> 
     else:  # causal-lm (instruction tuning) and seq2seq-lm: a token to predict at every position
         columns["labels"] = ids.tolist()
     return columns
-
-
-def mlm_collator(recipe: Recipe, command: str, tokenizer):
-    """Masked pretraining masks its batches as the run does; the other batches are stacked as they are."""
-    from transformers import DataCollatorForLanguageModeling
-
-    if command == "pretrain" and recipe.train.objective in ("mlm", "mlm+nsp"):
-        return DataCollatorForLanguageModeling(tokenizer, mlm_probability=recipe.train.mlm_probability)
-    return None
 
 
 # ---------------------------------------------------------------- the report
