@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,14 @@ def recipe_file(tmp_path):
         return path
 
     return write
+
+
+def wait_until(condition, seconds: float = 60, every: float = 0.01) -> None:
+    """Check `condition` every `every` seconds until it holds; the test fails if it does not within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out: not true within {seconds:g} s"
+        time.sleep(every)
 
 
 def char_tokenizer(objective: str = "causal"):

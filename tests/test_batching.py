@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 
 from llmkit.generation import generate_text  # noqa: E402
 from llmkit.loading import load_model  # noqa: E402
-from tests.conftest import char_tokenizer, save_tiny_model  # noqa: E402
+from tests.conftest import char_tokenizer, save_tiny_model, wait_until  # noqa: E402
 
 GREEDY = GenerateSettings(max_new_tokens=8, greedy=True)
 
@@ -36,14 +36,15 @@ def jobs_for(prompts: list[str], settings: GenerateSettings = GREEDY, **options)
     return made
 
 
+def all_ended(made: list[tuple[Job, list]]) -> bool:
+    return all(events and isinstance(events[-1], (Finished, Failed)) for _, events in made)
+
+
 def run(batcher: Batcher, made: list[tuple[Job, list]]) -> list:
     """Submit before the worker starts (so they all wait together), then each job's last event."""
     batcher.submit([job for job, _ in made])
     batcher.start()
-    deadline = time.monotonic() + 60
-    while not all(events and isinstance(events[-1], (Finished, Failed)) for _, events in made):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: all_ended(made))
     batcher.stop()
     return [events[-1] for _, events in made]
 
@@ -156,17 +157,10 @@ def run_continuous(batcher: ContinuousBatcher, made: list[tuple[Job, list]]) -> 
     try:
         for job, _ in made:
             batcher.submit([job])
-        wait_until(lambda: all(events and isinstance(events[-1], (Finished, Failed)) for _, events in made))
+        wait_until(lambda: all_ended(made))
     finally:
         batcher.stop()
     return [events[-1] for _, events in made]
-
-
-def wait_until(condition, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_continuous_batching_gives_each_job_models_generate_greedy_tokens(tiny):

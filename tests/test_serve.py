@@ -31,7 +31,7 @@ pytest.importorskip("fastapi")
 
 from llmkit.generation import ChatSession, generate_text  # noqa: E402
 from llmkit.loading import load_model  # noqa: E402
-from tests.conftest import char_tokenizer, save_tiny_model  # noqa: E402
+from tests.conftest import char_tokenizer, save_tiny_model, wait_until  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant:{% endif %}")
@@ -138,13 +138,6 @@ def long_stream(client, **options):
                                        **options)
     next(iter(stream))
     return stream
-
-
-def wait_for(condition, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 def test_models_and_health(server):
@@ -256,7 +249,7 @@ def check_waiting_requests_go_in_one_batch(server, local, stream: bool = False) 
     threads = [threading.Thread(target=ask, args=(prompt,)) for prompt in prompts]
     for thread in threads:
         thread.start()
-    wait_for(lambda: server.health()["queued"] == 4)
+    wait_until(lambda: server.health()["queued"] == 4, every=0.05)
     long.close()  # the client leaves: its request stops at the next token and the four go together
     for thread in threads:
         thread.join(60)
@@ -301,7 +294,8 @@ def test_continuous_batching_lets_requests_join_a_running_one(model_dir, local):
         assert "".join(chunk.choices[0].text for chunk in streamed) == full[:full.index(stop)]
         assert server.health()["generating"] == 1 and server.health()["continuous_requests"] == 4  # long: still going
         long.close()
-        wait_for(lambda: server.health()["continuous_requests"] == 4 and server.health()["queued"] == 0)
+        wait_until(lambda: server.health()["continuous_requests"] == 4 and server.health()["queued"] == 0,
+                   every=0.05)
         assert client.completions.create(model="model", prompt="今天", max_tokens=2).usage.completion_tokens == 2
         assert server.health()["batches"] == 0  # no request went through the dynamic queue
 
@@ -331,7 +325,7 @@ def test_a_full_queue_answers_429_and_a_key_is_required(model_dir):
         stream = long_stream(client)
         waiting = threading.Thread(target=lambda: client.completions.create(model="model", prompt="一", max_tokens=2))
         waiting.start()
-        wait_for(lambda: server.health()["queued"] == 1)
+        wait_until(lambda: server.health()["queued"] == 1, every=0.05)
         with pytest.raises(openai.RateLimitError) as full:
             client.completions.create(model="model", prompt="二", max_tokens=2)
         assert full.value.status_code == 429 and full.value.body["code"] == "queue_full"
