@@ -11,9 +11,9 @@ and every rank of a distributed run takes rank 0's count.
 
 from __future__ import annotations
 
-import copy
 import time
 
+from llmkit.distributed import whole_copy
 from llmkit.settings import TrainSettings
 
 WARMUP_STEPS = 2  # not timed: the first steps allocate and pick kernels
@@ -32,7 +32,7 @@ def seconds_per_step(model, batches, train: TrainSettings, dtype, device: str, s
     the Trainer trains (which adds a few percent: logging, callbacks)."""
     import torch
 
-    probe = copy.deepcopy(model).to(device).train()
+    probe = whole_copy(model).to(device).train()
     optimizer = torch.optim.AdamW(probe.parameters(), lr=train.learning_rate, betas=(0.9, train.adam_beta2),
                                   weight_decay=train.weight_decay)
     micro_batches = iter(endless(batches))

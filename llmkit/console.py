@@ -45,9 +45,10 @@ def quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21
     transformers.logging.disable_progress_bar()
-    # DeepSpeed's ZeRO gathers with a torch function that torch 2.13 deprecates: its warning, at every step.
-    warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
+    # DeepSpeed's ZeRO gathers and scatters with torch functions that torch 2.13 deprecates: their warnings,
+    # at every step.
+    warnings.filterwarnings("ignore", message="`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                            "is deprecated", category=FutureWarning)
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
     else:  # read when datasets is imported: commands that never use it do not pay its import (0.4 s)

@@ -1,6 +1,6 @@
 """What a run launched on several processes needs beyond what Trainer and accelerate do: work done once
-on the main process and shared with the others, FSDP on CPUs, and whether the model's parameters are
-sharded across the processes.
+on the main process and shared with the others, FSDP and DeepSpeed ZeRO-3 on CPUs, whether the model's
+parameters are sharded across the processes, and a whole copy of a model that ZeRO-3 built partitioned.
 
 Launch with `torchrun` or `accelerate launch` (configs in recipes/accelerate/); the processes find each
 other through the launcher, and `training.training_arguments` starts the process group.
@@ -68,3 +68,35 @@ def is_sharded(trainer) -> bool:
     if trainer.is_fsdp_enabled:
         return True
     return trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def join_deepspeed_on_cpu(args) -> None:
+    """On CPUs, DeepSpeed joins the process group as soon as there is one. On accelerators TrainingArguments
+    has DeepSpeed start the group; on CPUs (use_cpu) accelerate starts a plain gloo one, which DeepSpeed
+    joins only in deepspeed.initialize, when the Trainer prepares the model. ZeRO-3 needs it earlier, as the
+    model is built: transformers builds it under deepspeed.zero.Init, which reads its config before joining,
+    counts one process and refuses the batch size (train_batch_size) that TrainingArguments made for all."""
+    import torch.distributed
+
+    if not args.deepspeed or not torch.distributed.is_initialized():
+        return
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
+def whole_copy(model):
+    """A copy of `model` that this process can run alone, such as the time budget's probe (which, as under
+    FSDP, holds the whole model): when DeepSpeed ZeRO-3 partitioned its parameters as it was built (each
+    process holds a slice, the module an empty tensor), they are gathered for the copy, on every process at
+    once (each must call this)."""
+    import copy
+
+    partitioned = [parameter for parameter in model.parameters() if hasattr(parameter, "ds_id")]
+    if not partitioned:
+        return copy.deepcopy(model)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        return copy.deepcopy(model)

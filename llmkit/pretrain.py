@@ -132,7 +132,7 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
 
 
 def describe_setup(console, model, tokenizer, train_blocks, eval_blocks, args, precision) -> None:
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: each a slice
     unit = "sentence pairs" if "next_sentence_label" in train_blocks.column_names else "blocks"
     console.print(f"model: {model.config.model_type}, {parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer):,}; "
                   f"data: {len(train_blocks):,} training / {len(eval_blocks):,} validation {unit}; "

@@ -512,7 +512,7 @@ class DistributedSettings:
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"  # how several processes share the training
     fsdp: str = "full_shard auto_wrap"  # TrainingArguments.fsdp options (strategy = "fsdp")
     fsdp_config: dict = field(default_factory=dict)  # e.g. {transformer_layer_cls_to_wrap = ["LlamaDecoderLayer"]}
-    deepspeed: str = field(default="", metadata=PATH)  # DeepSpeed JSON config (strategy = "deepspeed"); llmkit ships recipes/deepspeed/zero2.json
+    deepspeed: str = field(default="", metadata=PATH)  # DeepSpeed JSON config (strategy = "deepspeed"); llmkit ships recipes/deepspeed/zero2.json, zero3.json
 
     def check(self) -> None:
         if self.strategy == "deepspeed" and not self.deepspeed:

@@ -20,7 +20,7 @@ from llmkit import rundir
 from llmkit.callbacks import Progress, SealCheckpoints, ShowSamples, StopOnInterrupt
 from llmkit.console import console
 from llmkit.devices import has_accelerator, training_precision
-from llmkit.distributed import is_sharded, shard_on_cpu
+from llmkit.distributed import is_sharded, join_deepspeed_on_cpu, shard_on_cpu
 from llmkit.errors import Interrupted, LlmkitError, did_you_mean
 from llmkit.recipe import load_recipe, recipe_to_dict, recipe_to_toml
 from llmkit.settings import DistributedSettings, Recipe, TrainSettings
@@ -143,6 +143,11 @@ def whole_model(trainer, saved_in: Path, auto_class):
     the model itself, or when its parameters are sharded across processes (distributed.is_sharded) the
     copy trainer.save_model gathered into `saved_in`, read back with `auto_class`."""
     if is_sharded(trainer):
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        # Training is over: under ZeRO-3 transformers would load the model partitioned again, a step every
+        # process must take together, where only this one reads it.
+        unset_hf_deepspeed_config()
         return auto_class.from_pretrained(saved_in)
     return trained_model(trainer)
 
@@ -168,12 +173,12 @@ def training_arguments(train: TrainSettings, distributed: DistributedSettings, s
     elif distributed.strategy == "deepspeed":
         if not Path(distributed.deepspeed).is_file():
             raise LlmkitError(f"distributed.deepspeed: no such file: {distributed.deepspeed} (a DeepSpeed JSON "
-                              f"config, relative to the recipe; llmkit ships recipes/deepspeed/zero2.json)")
+                              f"config, relative to the recipe; llmkit ships recipes/deepspeed/zero2.json and zero3.json)")
         strategy = {"deepspeed": distributed.deepspeed}
     warmup = train.warmup_steps if train.warmup_steps < 1 else int(train.warmup_steps)
     schedule = "epoch" if train.eval_every == 0 else "steps"
     precision = training_precision(train.precision).name
-    return TrainingArguments(**{
+    args = TrainingArguments(**{
         "output_dir": str(output_dir),
         "max_steps": -1 if train.epochs else train.max_steps,
         "num_train_epochs": train.epochs or 1.0,
@@ -207,6 +212,8 @@ def training_arguments(train: TrainSettings, distributed: DistributedSettings, s
         **strategy,
         **overrides,
     })
+    join_deepspeed_on_cpu(args)
+    return args
 
 
 def reporters(names: list[str]) -> list[str] | str:

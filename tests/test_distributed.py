@@ -2,7 +2,10 @@
 launch` with each shipped config of recipes/accelerate/, two torchrun agents as two machines. Each run trains
 the tiny recipe on 2 processes x 8 blocks and must end where one process on 16 blocks ends (the same data in the
 same order, gradients averaged: measured within 1e-7; a run whose processes did not share gradients ends 9e-3
-away). Covers llmkit/distributed.py (the tokenizer trained once and shared, FSDP on CPUs, sharded models)."""
+away). DeepSpeed ZeRO-3 builds the model already partitioned and draws its random initial weights otherwise
+than a whole model does, so its runs start from the single run's saved model, and must end where one process
+continuing from it ends. Covers llmkit/distributed.py (the tokenizer trained once and shared, FSDP on CPUs,
+DeepSpeed's process group on CPUs, sharded models)."""
 
 import json
 import os
@@ -76,6 +79,13 @@ def reference(runs) -> Path:
 
 
 @pytest.fixture(scope="module")
+def continued(runs, reference) -> Path:
+    """One process on 16 blocks again, continuing from the reference's model: where the ZeRO-3 runs start."""
+    pretrain([sys.executable], runs, "continued", "train.batch_size=16", f"model.path={reference}")
+    return runs / "continued"
+
+
+@pytest.fixture(scope="module")
 def ddp(runs, reference) -> tuple[Path, list[str]]:
     """torchrun, 2 processes, plain data parallelism; each process writes down which tokenizer it used."""
     spy = runs / "ddp-spy.txt"
@@ -122,18 +132,52 @@ def test_torchrun_deepspeed_zero2_ends_with_the_weights_of_one_process(runs, ref
     assert_same_weights(run_dir, reference)
 
 
-@pytest.mark.parametrize("config", ["ddp", "fsdp", "deepspeed-zero2"])
-def test_accelerate_launch_with_each_shipped_config(runs, reference, config):
+def test_torchrun_deepspeed_zero3_partitions_and_ends_with_the_weights_of_one_process(runs, reference, continued):
+    result = pretrain(torchrun(), runs, "zero3", "distributed.strategy=deepspeed",
+                      f"distributed.deepspeed={RECIPES / 'deepspeed' / 'zero3.json'}", f"model.path={reference}")
+    assert problems(result.stderr) == [], result.stderr
+    assert "model: llama, 0.06M parameters" in result.stderr  # counted whole, though each process holds a slice
+    run_dir = runs / "zero3"
+    assert_partitioned(run_dir / "checkpoints" / "checkpoint-3")
+    assert_same_weights(run_dir, continued)
+    assert_loads_whole(run_dir, continued)
+    assert "昨天天气很" in result.stdout  # samples generated at the end from the saved model, read back whole
+
+
+def assert_partitioned(checkpoint: Path) -> None:
+    """DeepSpeed's ZeRO-3 checkpoint: the model's states saved by each process, each holding no tensor of the
+    module whole (its parameters are the slices in that process's optimizer states)."""
+    states = sorted((checkpoint / "global_step3").glob("*model_states.pt"))
+    assert [path.name for path in states] == [f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in (0, 1)]
+    module = torch.load(states[0], weights_only=False)["module"]
+    assert module and all(tensor.numel() == 0 for tensor in module.values())
+
+
+def assert_loads_whole(run_dir: Path, reference_dir: Path) -> None:
+    """The saved model, read with plain transformers, has every weight full size and trained as the reference."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(run_dir).state_dict()
+    reference = weights(reference_dir)
+    assert {k: tuple(loaded[k].shape) for k in reference} == {k: tuple(v.shape) for k, v in reference.items()}
+    assert all(torch.allclose(loaded[k], v, rtol=0, atol=TOLERANCE) for k, v in reference.items())
+
+
+@pytest.mark.parametrize("config", sorted(path.stem for path in (RECIPES / "accelerate").glob("*.yaml")))
+def test_accelerate_launch_with_each_shipped_config(request, runs, reference, config):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(RECIPES / "accelerate" / f"{config}.yaml"), "--num_processes", "2",
                 "--main_process_port", str(free_port())]
-    pretrain(launcher, runs, f"accelerate-{config}")
+    zero3 = config == "deepspeed-zero3"
+    pretrain(launcher, runs, f"accelerate-{config}", *([f"model.path={reference}"] if zero3 else []))
     run_dir = runs / f"accelerate-{config}"
     assert json.loads((run_dir / "provenance.json").read_text())["world_size"] == 2
     checkpoint = run_dir / "checkpoints" / "checkpoint-3"
-    assert {"ddp": "optimizer.pt", "fsdp": "pytorch_model_fsdp.bin", "deepspeed-zero2": "global_step3"}[config] in \
-        {path.name for path in checkpoint.iterdir()}
-    assert_same_weights(run_dir, reference)
+    assert {"ddp": "optimizer.pt", "fsdp": "pytorch_model_fsdp.bin", "deepspeed-zero2": "global_step3",
+            "deepspeed-zero3": "global_step3"}[config] in {path.name for path in checkpoint.iterdir()}
+    if zero3:
+        assert_partitioned(checkpoint)
+    assert_same_weights(run_dir, request.getfixturevalue("continued") if zero3 else reference)
 
 
 def test_two_machines_end_where_one_machine_with_two_processes_does(runs, ddp):
