@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from llmkit.data import fingerprint, load_documents, load_rows, load_text_splits, pack_blocks
+from llmkit.data import document_dataset, fingerprint, load_rows, load_text_splits, pack_blocks, texts
 from llmkit.errors import LlmkitError
 from llmkit.settings import DataSettings, TokenizerSettings
 from llmkit.splits import count_chars, split_documents
@@ -16,7 +16,12 @@ DOCS = [f"第{i}篇 document {i}" + "。" * (i % 3) for i in range(20)]
 
 
 def load(source, **settings) -> list[str]:
-    return load_documents(str(source), DataSettings(source=str(source), **settings))
+    return list(texts(document_dataset(str(source), DataSettings(source=str(source), **settings))))
+
+
+def documents(splits) -> tuple[list[str], list[str]]:
+    """The texts of the training and validation splits."""
+    return list(texts(splits.train)), list(texts(splits.validation))
 
 
 def write(path, text: str):
@@ -48,33 +53,33 @@ def test_split_holds_out_the_tail_as_whole_documents(fraction):
 def test_split_of_the_builtin_corpus_is_deterministic():
     settings = DataSettings(max_documents=500)
     first, second = load_text_splits(settings), load_text_splits(settings)
-    assert first.fingerprint == second.fingerprint and first.validation == second.validation
-    assert first.fingerprint == fingerprint(first.train + first.validation)
+    assert first.fingerprint == second.fingerprint and documents(first) == documents(second)
+    assert first.fingerprint == fingerprint(sum(documents(first), []))
 
 
 def test_builtin_corpus_has_no_pos_tags_and_about_19k_documents(peoples_daily):
-    documents = peoples_daily.train + peoples_daily.validation
-    assert 18_000 < len(documents) < 21_000
-    assert not [doc for doc in documents if re.search(r"/[a-zA-Z]", doc)]
-    assert documents[0].startswith("迈向充满希望的新世纪")
+    every = sum(documents(peoples_daily), [])
+    assert 18_000 < len(every) < 21_000
+    assert not [doc for doc in every if re.search(r"/[a-zA-Z]", doc)]
+    assert every[0].startswith("迈向充满希望的新世纪")
 
 
 def test_builtin_validation_is_about_the_requested_fraction(peoples_daily):
-    total = count_chars(peoples_daily.train) + peoples_daily.validation_chars
+    total = count_chars(documents(peoples_daily)[0]) + peoples_daily.validation_chars
     assert 0.09 < peoples_daily.validation_chars / total <= 0.1
 
 
 def test_max_documents_keeps_the_first_documents(tmp_path):
     path = write(tmp_path / "c.txt", "\n".join(DOCS))
     splits = load_text_splits(DataSettings(source=str(path), max_documents=4, validation_fraction=0.3))
-    assert splits.train + splits.validation == DOCS[:4]
+    assert sum(documents(splits), []) == DOCS[:4]
 
 
 def test_validation_source_replaces_the_split(tmp_path):
     train = write(tmp_path / "train.txt", "\n".join(DOCS))
     validation = write(tmp_path / "val.txt", "held out one\nheld out two\n")
     splits = load_text_splits(DataSettings(source=str(train), validation_source=str(validation)))
-    assert splits.train == DOCS and splits.validation == ["held out one", "held out two"]
+    assert documents(splits) == (DOCS, ["held out one", "held out two"])
 
 
 def test_too_little_text_to_split_is_refused(tmp_path):
@@ -124,8 +129,8 @@ def test_parquet_reads_the_text_column_and_splits_as_the_same_jsonl(tmp_path):
         return load_text_splits(recipe.data)
 
     parquet, jsonl = splits("c.parquet"), splits("c.jsonl")
-    assert parquet.train + parquet.validation == DOCS[:9] + ["两\n行"]  # in order, the blank row dropped
-    assert (parquet.train, parquet.validation) == (jsonl.train, jsonl.validation) and jsonl.validation
+    assert sum(documents(parquet), []) == DOCS[:9] + ["两\n行"]  # in order, the blank row dropped
+    assert documents(parquet) == documents(jsonl) and documents(jsonl)[1]
     assert parquet.fingerprint == jsonl.fingerprint
 
 

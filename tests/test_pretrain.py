@@ -80,13 +80,13 @@ def test_causal_run_saves_a_model_plain_transformers_loads_and_generates(tiny, t
 def test_loss_per_char_matches_a_direct_computation(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.data import load_text_splits
+    from llmkit.data import load_text_splits, texts
 
     result = run_tiny(tiny)
     run_dir = tmp_path / "runs" / "tiny"
     model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    validation = load_text_splits(load_recipe("pretrain-zh-tiny", tiny).data).validation
+    validation = list(texts(load_text_splits(load_recipe("pretrain-zh-tiny", tiny).data).validation))
     stream = [t for doc in validation for t in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]]
     blocks = torch.tensor(stream[: len(stream) // 32 * 32]).view(-1, 32)
     with torch.no_grad():
