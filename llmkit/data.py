@@ -127,8 +127,11 @@ def source_stamp(source: str, settings: DataSettings) -> list:
                     for path in data_files(Path(source)))]
 
 
-def texts(documents) -> Iterator[str]:
-    """The text of each document of a Dataset or IterableDataset, read a batch at a time."""
+def texts(documents, limit: int = 0) -> Iterator[str]:
+    """The text of each document of a Dataset or IterableDataset (with a `limit`, of the first `limit` only:
+    a stream is read no further), read a batch at a time."""
+    if limit:
+        documents = documents.take(min(limit, len(documents)) if hasattr(documents, "__len__") else limit)
     for batch in documents.iter(batch_size=BATCH):
         yield from batch["text"]
 

@@ -69,8 +69,6 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     """Set up (everything that can refuse the input runs before the disk is touched), train into
     `folder.work_dir` (a rundir.RunFolder) and finish there;
     -> (final metrics, samples, whether this is the main process)."""
-    from itertools import islice
-
     import transformers
     from torch.utils.data import DataLoader
 
@@ -100,9 +98,8 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
         if tokenizer_source:
             tokenizer = load_tokenizer(str(tokenizer_source))
         else:  # trained once, on the main process: every process must use the very same vocabulary
-            sample = recipe.tokenizer.train_documents or None  # None: all
-            tokenizer = once_for_all(lambda: train_tokenizer(list(islice(texts(splits.train), sample)),
-                                                             recipe.tokenizer, objective))
+            sample = texts(splits.train, recipe.tokenizer.train_documents)
+            tokenizer = once_for_all(lambda: train_tokenizer(list(sample), recipe.tokenizer, objective))
     transformers.set_seed(recipe.run.seed)
     model = build_model(recipe, tokenizer)
 

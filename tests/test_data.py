@@ -3,6 +3,7 @@ corpora (llmkit/splits.py)."""
 
 import json
 import re
+from itertools import islice
 
 import pytest
 
@@ -309,3 +310,91 @@ def test_hub_dataset_keeps_the_columns_asked_for_or_all_when_none_are(tmp_path, 
 def test_misspelled_built_in_source_suggests_the_closest():
     with pytest.raises(LlmkitError, match=r"data source not found: peoples-daly \(did you mean 'peoples-daily'\?\)"):
         load("peoples-daly")
+
+
+# Arrow copies of files, and streaming (data.streaming)
+
+
+def stream(path, **settings):
+    return load_text_splits(DataSettings(source=str(path), streaming=True, **settings))
+
+
+def test_file_corpus_splits_and_packs_as_lists_of_its_lines_do(tokenizer, tmp_path):
+    """Read through Arrow, a file gives the documents, split, fingerprint and blocks of its lines as a list."""
+    lines = DOCS * 7
+    path = write(tmp_path / "c.txt", "\n".join(lines) + "\n")
+    splits = load_text_splits(DataSettings(source=str(path), validation_fraction=0.2))
+    train, validation = split_documents(lines, 0.2)
+    assert documents(splits) == (train, validation)
+    assert splits.fingerprint == fingerprint(lines) and splits.validation_chars == count_chars(validation)
+    from_arrow, n_tokens = pack_blocks(splits.train, tokenizer, 8, tmp_path / "arrow")
+    from_list, n_list_tokens = pack_blocks(train, tokenizer, 8, tmp_path / "list")
+    assert from_arrow["input_ids"] == from_list["input_ids"] and n_tokens == n_list_tokens
+
+
+def test_a_file_is_copied_into_arrow_once_and_again_when_it_changes(tmp_path):
+    path = write(tmp_path / "c.txt", "one\ntwo\n")
+    first = document_dataset(str(path), DataSettings(source=str(path)))
+    again = document_dataset(str(path), DataSettings(source=str(path)))
+    assert again.cache_files == first.cache_files and str(tmp_path.parent) in first.cache_files[0]["filename"]
+    write(path, "one\ntwo\nthree\n")
+    assert load(path) == ["one", "two", "three"]
+
+
+def test_streamed_splits_hold_out_the_first_documents(tmp_path):
+    path = write(tmp_path / "c.txt", "\n".join(DOCS) + "\n\n")
+    splits = stream(path, validation_documents=3)
+    assert splits.streamed and documents(splits) == (DOCS[3:], DOCS[:3])
+    assert list(texts(stream(path, validation_documents=3, max_documents=5).train)) == DOCS[3:5]
+    with pytest.raises(LlmkitError, match="too little text"):
+        stream(path, validation_documents=len(DOCS))
+
+
+def test_streamed_blocks_are_the_packed_blocks(tokenizer, tmp_path):
+    from llmkit.data import stream_blocks
+
+    lines = [doc for i in range(150) for doc in DOCS[i % 7:]]  # more than one packing batch of documents
+    path = write(tmp_path / "c.jsonl", "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in lines))
+    splits = stream(path, validation_documents=5)
+    streamed = [row["input_ids"] for row in stream_blocks(splits.train, tokenizer, 8)]
+    packed, _ = pack_blocks(lines[5:], tokenizer, 8)
+    assert len(lines) > 2000 and streamed == packed["input_ids"]
+
+
+def test_streaming_reads_no_further_than_it_is_asked(tmp_path):
+    """A broken last line stops the whole corpus from being read ahead, not a stream that never gets there."""
+    path = write(tmp_path / "c.jsonl", "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in DOCS)
+                 + "{broken\n")
+    with pytest.raises(LlmkitError, match=rf"c\.jsonl:{len(DOCS) + 1}: not a JSON object"):
+        load_text_splits(DataSettings(source=str(path)))
+    splits = stream(path, validation_documents=2)
+    assert [row["text"] for row in islice(splits.train, 5)] == DOCS[2:7]
+    with pytest.raises(LlmkitError, match=rf"c\.jsonl:{len(DOCS) + 1}: not a JSON object"):
+        list(texts(splits.train))  # read to the end, it is refused as a whole read is
+
+
+def test_streamed_fingerprint_follows_the_files_without_reading_them(tmp_path):
+    path = write(tmp_path / "c.txt", "\n".join(DOCS))
+    first = stream(path, validation_documents=2).fingerprint
+    assert stream(path, validation_documents=2).fingerprint == first
+    assert stream(path, validation_documents=3).fingerprint != first
+    write(path, "\n".join(DOCS[::-1]))
+    assert stream(path, validation_documents=2).fingerprint != first
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_corpus_reads_its_text_column_without_blank_rows(tmp_path, monkeypatch, streaming):
+    import datasets
+
+    hub = datasets.Dataset.from_list([{"body": doc, "id": i} for i, doc in enumerate(["甲", " ", *DOCS])])
+
+    def load_dataset(name, config, split, streaming):
+        assert (name, config, split) == ("someone/corpus", None, "train")
+        return hub.to_iterable_dataset() if streaming else hub
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    splits = load_text_splits(DataSettings(source="someone/corpus", text_column="body", streaming=streaming,
+                                           validation_documents=1))
+    train, validation = documents(splits)
+    assert train + validation == ["甲", *DOCS] if not streaming else (validation, train) == (["甲"], DOCS)
