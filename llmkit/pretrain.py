@@ -91,8 +91,8 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     # default makes it walk the autograd graph again at every step, and warn that it found none).
     args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
                               ddp_find_unused_parameters=False)
-    with console.status("reading data"):
-        splits = load_text_splits(recipe.data)
+    with args.main_process_first(desc="reading data"), console.status("reading data"):
+        splits = load_text_splits(recipe.data)  # files are copied into Arrow once, by the main process
     with console.status("preparing the tokenizer"):
         tokenizer_source = folder.run_dir if resume else (recipe.tokenizer.path or recipe.model.path)
         if tokenizer_source:
