@@ -202,15 +202,26 @@ def document_dataset(source: str, settings: DataSettings):
 
 
 def document_stream(source: str, settings: DataSettings):
-    """The non-empty text documents of a source as a datasets.IterableDataset: read as they are asked for."""
+    """The non-empty text documents of a source as a datasets.IterableDataset: read as they are asked for, in
+    one shard whatever the source's files (DataLoader workers would each read a share of the shards, and the
+    documents held out or kept, `skip` and `take`, would be counted in each share)."""
     import datasets
 
     kind = where(source)
     if kind == "local":
-        return from_generator(datasets.IterableDataset.from_generator, source, settings)
-    if kind == "hub":
-        return hub_documents(source, settings, streaming=True)
-    return document_dataset(source, settings).to_iterable_dataset()
+        documents = from_generator(datasets.IterableDataset.from_generator, source, settings)
+    elif kind == "hub":
+        documents = hub_documents(source, settings, streaming=True)
+    else:
+        documents = document_dataset(source, settings).to_iterable_dataset()
+    return datasets.IterableDataset.from_generator(read_through, text_features(), gen_kwargs={"documents": documents})
+
+
+def read_through(documents) -> Iterator[dict]:
+    """Each row of an IterableDataset, all of them even in a DataLoader worker (iterated as such, it would read
+    only that worker's shards), one at a time (read no further than asked)."""
+    for batch in documents.iter(batch_size=1):
+        yield {"text": batch["text"][0]}
 
 
 def from_generator(make, source: str, settings: DataSettings, **options):

@@ -398,3 +398,23 @@ def test_hub_corpus_reads_its_text_column_without_blank_rows(tmp_path, monkeypat
                                            validation_documents=1))
     train, validation = documents(splits)
     assert train + validation == ["甲", *DOCS] if not streaming else (validation, train) == (["甲"], DOCS)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than this test's one core
+@pytest.mark.parametrize("hub", [False, True])
+def test_a_stream_read_by_dataloader_workers_holds_out_the_same_documents(tmp_path, monkeypatch, hub):
+    """train.dataloader_workers: a stream split among worker processes (datasets shards it by file) would skip
+    the held-out documents in each worker's share, training on some of them: a stream is one shard."""
+    import datasets
+    from torch.utils.data import DataLoader
+
+    for part in range(4):
+        write(tmp_path / f"{part}.txt", "\n".join(f"{part}: {doc}" for doc in DOCS))
+    every = [f"{part}: {doc}" for part in range(4) for doc in DOCS]
+    if hub:
+        files = datasets.Dataset.from_dict({"text": every}).to_iterable_dataset(num_shards=4)
+        monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming: files)
+        monkeypatch.chdir(tmp_path)
+    splits = stream("someone/corpus" if hub else tmp_path, validation_documents=5, max_documents=70)
+    read = [row["text"] for row in DataLoader(splits.train, num_workers=2, batch_size=None)]
+    assert list(texts(splits.validation)) == every[:5] and read == every[5:70]
