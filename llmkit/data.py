@@ -209,19 +209,18 @@ def document_stream(source: str, settings: DataSettings):
 
     kind = where(source)
     if kind == "local":
-        documents = from_generator(datasets.IterableDataset.from_generator, source, settings)
-    elif kind == "hub":
-        documents = hub_documents(source, settings, streaming=True)
-    else:
-        documents = document_dataset(source, settings).to_iterable_dataset()
-    return datasets.IterableDataset.from_generator(read_through, text_features(), gen_kwargs={"documents": documents})
+        return from_generator(datasets.IterableDataset.from_generator, source, settings)
+    if kind == "hub":
+        shards = hub_documents(source, settings, streaming=True)
+        return datasets.IterableDataset.from_generator(read_through, text_features(), gen_kwargs={"documents": shards})
+    return document_dataset(source, settings).to_iterable_dataset()  # one shard
 
 
 def read_through(documents) -> Iterator[dict]:
     """Each row of an IterableDataset, all of them even in a DataLoader worker (iterated as such, it would read
-    only that worker's shards), one at a time (read no further than asked)."""
-    for batch in documents.iter(batch_size=1):
-        yield {"text": batch["text"][0]}
+    only that worker's shards)."""
+    for batch in documents.iter(batch_size=PACK_BATCH):
+        yield from ({"text": text} for text in batch["text"])
 
 
 def from_generator(make, source: str, settings: DataSettings, **options):
@@ -229,7 +228,8 @@ def from_generator(make, source: str, settings: DataSettings, **options):
     an error in a file is raised as llmkit's own (datasets wraps what a generator raises)."""
     import datasets
 
-    reading = {"files": [str(path) for path in data_files(Path(source))], "column": settings.text_column,
+    # The files as a tuple: datasets makes a list in gen_kwargs into shards, read apart (document_stream).
+    reading = {"files": tuple(str(path) for path in data_files(Path(source))), "column": settings.text_column,
                "document": settings.document}
     if next(file_documents(**reading), None) is None:  # read up to the first document only
         raise LlmkitError(f"data source {source} holds no text")
@@ -241,7 +241,7 @@ def from_generator(make, source: str, settings: DataSettings, **options):
         raise
 
 
-def file_documents(files: list[str], column: str, document: str) -> Iterator[dict]:
+def file_documents(files: Sequence[str], column: str, document: str) -> Iterator[dict]:
     """{"text": ...} for each non-empty document of the files, read as they are asked for."""
     for path in files:
         for row in file_rows(Path(path), [column], 1, document):
