@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 from llmkit import load_recipe
 from llmkit.callbacks import MetricsFile
 from llmkit.console import quiet_libraries
-from llmkit.data import load_text_splits, pack_blocks
+from llmkit.data import load_text_splits, pack_blocks, texts
 from llmkit.devices import pick_device, training_precision
 from llmkit.loading import build_model
 from llmkit.tokenizer import train_tokenizer
@@ -142,7 +142,7 @@ def main() -> None:
                                           f"train.precision={options.precision}", *options.sets])
     precision = training_precision(recipe.train.precision)
     splits = load_text_splits(recipe.data)
-    tokenizer = train_tokenizer(splits.train, recipe.tokenizer, recipe.train.objective)
+    tokenizer = train_tokenizer(list(texts(splits.train)), recipe.tokenizer, recipe.train.objective)
     blocks, _ = pack_blocks(splits.train, tokenizer, recipe.data.block_size)
     blocks = blocks.with_format(None)
     tokens_per_step = recipe.data.block_size * recipe.train.batch_size * recipe.train.gradient_accumulation

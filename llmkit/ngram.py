@@ -16,8 +16,8 @@ Text is read as pretraining packs it (llmkit.data.pack_blocks): each document's 
 one stream across documents; a symbol's history is the up to `order - 1` symbols before it in that
 stream. Counts are plain dicts keyed by strings in which each character stands for one symbol id.
 
-    model = NgramModel.train(splits.train, order=4)
-    model.score(splits.validation)["loss_per_char"]
+    model = NgramModel.train(list(texts(splits.train)), order=4)  # llmkit.data.texts
+    model.score(list(texts(splits.validation)))["loss_per_char"]
 """
 
 from __future__ import annotations

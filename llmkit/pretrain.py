@@ -21,6 +21,9 @@ from llmkit.errors import LlmkitError
 from llmkit.settings import Recipe, check_pretraining
 
 
+BASELINE_MAX_CHARS = 10_000_000  # the n-gram baseline counts at most this many training characters (it holds them all)
+
+
 @dataclass
 class PretrainResult:
     run_dir: Path
@@ -72,7 +75,8 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     from llmkit import rundir
     from llmkit.callbacks import MetricsFile
     from llmkit.console import console
-    from llmkit.data import blocks_cache, encode_pairs, load_text_splits, pack_blocks, sentence_pairs
+    from llmkit.data import (blocks_cache, encode_pairs, load_text_splits, pack_blocks, sentence_pairs, texts,
+                             training_blocks)
     from llmkit.devices import training_precision
     from llmkit.distributed import once_for_all
     from llmkit.loading import build_model
@@ -87,28 +91,30 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
     # default makes it walk the autograd graph again at every step, and warn that it found none).
     args = training_arguments(recipe.train, recipe.distributed, recipe.run.seed, work_dir / rundir.CHECKPOINTS,
                               ddp_find_unused_parameters=False)
-    with console.status("reading data"):
-        splits = load_text_splits(recipe.data)
+    with args.main_process_first(desc="reading data"), console.status("reading data"):
+        splits = load_text_splits(recipe.data)  # files are copied into Arrow once, by the main process
     with console.status("preparing the tokenizer"):
         tokenizer_source = folder.run_dir if resume else (recipe.tokenizer.path or recipe.model.path)
         if tokenizer_source:
             tokenizer = load_tokenizer(str(tokenizer_source))
         else:  # trained once, on the main process: every process must use the very same vocabulary
-            tokenizer = once_for_all(lambda: train_tokenizer(splits.train, recipe.tokenizer, objective))
+            sample = texts(splits.train, recipe.tokenizer.train_documents)
+            tokenizer = once_for_all(lambda: train_tokenizer(list(sample), recipe.tokenizer, objective))
     transformers.set_seed(recipe.run.seed)
     model = build_model(recipe, tokenizer)
 
     if objective == "mlm+nsp":  # pairs of sentences, each pair at most one block long
         with console.status("pairing sentences"):
-            train_blocks = encode_pairs(sentence_pairs(splits.train, recipe.run.seed), tokenizer, recipe.data.block_size)
-            eval_blocks = encode_pairs(sentence_pairs(splits.validation, recipe.run.seed + 1), tokenizer,
+            train_blocks = encode_pairs(sentence_pairs(list(texts(splits.train)), recipe.run.seed), tokenizer,
+                                        recipe.data.block_size)
+            eval_blocks = encode_pairs(sentence_pairs(list(texts(splits.validation)), recipe.run.seed + 1), tokenizer,
                                        recipe.data.block_size)
         if len(train_blocks) == 0 or len(eval_blocks) == 0:
             raise LlmkitError(f"train.objective = \"mlm+nsp\" needs documents of two or more sentences in both "
                               f"splits; the {'training' if len(train_blocks) == 0 else 'validation'} split has none")
     else:
         with args.main_process_first(desc="tokenizing"), console.status("tokenizing and packing"):
-            train_blocks, _ = pack_blocks(splits.train, tokenizer, recipe.data.block_size, blocks_cache())
+            train_blocks = training_blocks(splits, tokenizer, recipe.data.block_size, recipe.run.seed)
             eval_blocks, eval_tokens = pack_blocks(splits.validation, tokenizer, recipe.data.block_size,
                                                    blocks_cache())
         if len(eval_blocks) == 0:
@@ -132,10 +138,13 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
 
 
 def describe_setup(console, model, tokenizer, train_blocks, eval_blocks, args, precision) -> None:
+    from datasets import IterableDataset
+
     parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: each a slice
     unit = "sentence pairs" if "next_sentence_label" in train_blocks.column_names else "blocks"
+    training = "streamed" if isinstance(train_blocks, IterableDataset) else f"{len(train_blocks):,}"
     console.print(f"model: {model.config.model_type}, {parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer):,}; "
-                  f"data: {len(train_blocks):,} training / {len(eval_blocks):,} validation {unit}; "
+                  f"data: {training} training / {len(eval_blocks):,} validation {unit}; "
                   f"{args.world_size} process(es), {precision.name} ({precision.reason})", highlight=False)
 
 
@@ -143,7 +152,7 @@ def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> tuple[d
     from llmkit import rundir
     from llmkit.generation import continue_prompts
     from llmkit.report import Origin, Scores, plot_losses, write_model_card
-    from llmkit.splits import count_chars
+    from llmkit.data import dataset_chars
     from llmkit.loading import auto_model_class
     from llmkit.training import whole_model
 
@@ -160,7 +169,8 @@ def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> tuple[d
             samples = continue_prompts(model, tokenizer, recipe.generate.prompts, recipe.generate, recipe.run.seed)
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.run.name)
         causal = recipe.train.objective == "causal"
-        baseline = ngram_baseline(recipe, splits) if causal else {}
+        train_chars = None if splits.streamed else dataset_chars(splits.train)
+        baseline = ngram_baseline(recipe, splits, train_chars) if causal else {}
         kind = {"causal": "causal", "mlm": "masked", "mlm+nsp": "masked"}[recipe.train.objective]
         with_nsp = " with next-sentence prediction" if recipe.train.objective == "mlm+nsp" else ""
         write_model_card(run_dir / "README.md", name=recipe.run.name, model=model, tokenizer=tokenizer,
@@ -169,8 +179,8 @@ def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> tuple[d
                                      f"with llmkit.",
                          origin=Origin("causal-lm" if causal else "masked-lm", base=recipe.model.path,
                                        relation="finetune", training=(recipe.data.source,), tags=("pretrain",)),
-                         data=f"`{recipe.data.source}`: {count_chars(splits.train):,} training / "
-                              f"{splits.validation_chars:,} validation characters",
+                         data=f"`{recipe.data.source}`: {'streamed' if train_chars is None else f'{train_chars:,}'} "
+                              f"training / {splits.validation_chars:,} validation characters",
                          steps=trainer.state.global_step, samples=samples,
                          scores=[Scores(recipe.data.validation_source or recipe.data.source, "validation", metrics)],
                          rows=baseline_rows(baseline))
@@ -182,15 +192,20 @@ def finish(recipe: Recipe, trainer, tokenizer, splits, run_dir: Path) -> tuple[d
 # ---------------------------------------------------------------- the classic model: character n-grams
 
 
-def ngram_baseline(recipe: Recipe, splits) -> dict:
+def ngram_baseline(recipe: Recipe, splits, train_chars: int | None) -> dict:
     """The n-gram model of order model.ngram_order counted on the same training split and scored on the same
-    validation split, in loss per char like the model's (llmkit.ngram.NgramModel.score)."""
+    validation split, in loss per char like the model's (llmkit.ngram.NgramModel.score); none for a streamed
+    corpus or one of more than BASELINE_MAX_CHARS training characters (`train_chars`: the n-gram model holds
+    all of its text)."""
     from llmkit.console import console
+    from llmkit.data import texts
     from llmkit.ngram import NgramModel
 
+    if train_chars is None or train_chars > BASELINE_MAX_CHARS:
+        return {}
     order = recipe.model.ngram_order
     with console.status(f"baseline: counting {order}-grams"):
-        scored = NgramModel.train(splits.train, order).score(splits.validation)
+        scored = NgramModel.train(list(texts(splits.train)), order).score(list(texts(splits.validation)))
     return {"baseline_ngram_order": order, "baseline_ngram_loss_per_char": scored["loss_per_char"]}
 
 
@@ -207,11 +222,10 @@ def count_ngram(recipe: Recipe, folder):
     folder; -> (final metrics, samples, whether this is the main process). No Trainer, one process."""
     from llmkit import rundir
     from llmkit.console import console
-    from llmkit.data import load_text_splits
+    from llmkit.data import dataset_chars, load_text_splits, texts
     from llmkit.ngram import FILE, NgramModel
     from llmkit.recipe import recipe_to_toml
     from llmkit.report import write_ngram_card
-    from llmkit.splits import count_chars
 
     if not folder.main:  # another rank of a distributed launch: the n-gram is counted once
         return {}, [], False
@@ -219,13 +233,13 @@ def count_ngram(recipe: Recipe, folder):
     with console.status("reading data"):
         splits = load_text_splits(recipe.data)
     with console.status(f"counting {order}-grams"):
-        model = NgramModel.train(splits.train, order)
-    train_chars = count_chars(splits.train)
+        model = NgramModel.train(list(texts(splits.train)), order)
+    train_chars = dataset_chars(splits.train)
     console.print(f"model: ngram, {sum(map(len, model.counts)) / 1e6:.2f}M parameters (counts of 1- to {order}-grams), "
                   f"vocabulary {len(model.vocabulary):,} symbols; data: {train_chars:,} training / "
                   f"{splits.validation_chars:,} validation characters", highlight=False)
     with console.status("scoring the validation split"):
-        scored = model.score(splits.validation)
+        scored = model.score(list(texts(splits.validation)))
     folder.start(recipe_to_toml(recipe), rundir.provenance(splits.fingerprint, 1, recipe.run.record_host))
     work_dir = folder.work_dir
     model.save(work_dir / FILE)

@@ -166,14 +166,14 @@ def prune_and_recover(model, tokenizer, settings: QuantizeSettings, recipe: Reci
 def recover(model, tokenizer, recipe: Recipe, steps: int) -> dict:
     """Fine-tune the pruned model `steps` steps on the recipe's [data] with its [train] settings, through
     the pretraining Trainer (pruning masks stay applied, so pruned weights stay zero)."""
-    from llmkit.data import blocks_cache, load_text_splits, pack_blocks
+    from llmkit.data import blocks_cache, load_text_splits, pack_blocks, training_blocks
     from llmkit.loading import check_block_size
     from llmkit.training import language_model_trainer, training_arguments
 
     check_block_size(recipe.data.block_size, model.config)
     train = dataclasses.replace(recipe.train, objective="causal", max_steps=steps, save_every=steps + 1)
     splits = load_text_splits(recipe.data)
-    train_blocks, _ = pack_blocks(splits.train, tokenizer, recipe.data.block_size, blocks_cache())
+    train_blocks = training_blocks(splits, tokenizer, recipe.data.block_size, recipe.run.seed)
     eval_blocks, eval_tokens = pack_blocks(splits.validation, tokenizer, recipe.data.block_size, blocks_cache())
     with tempfile.TemporaryDirectory() as work_dir:
         args = training_arguments(train, recipe.distributed, recipe.run.seed, Path(work_dir))

@@ -333,22 +333,42 @@ def read_text(path: Path) -> str:
         raise LlmkitError(f"{path}:{line}: not UTF-8 text") from None
 
 
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(number, line) of each line of a UTF-8 file, read as they are asked for (a corpus larger than memory
+    is never read whole), each line cut after "\n" and kept with it; a line that is not UTF-8 is an error
+    naming the file and the line."""
+    try:
+        file = path.open("rb")
+    except OSError as error:
+        raise LlmkitError(f"{path}: cannot read: {error.strerror}") from None
+    with file:
+        for number, raw in enumerate(file, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise LlmkitError(f"{path}:{number}: not UTF-8 text") from None
+
+
 def jsonl_values(path: Path, torn_end: bool = False) -> list[tuple[str, object]]:
-    """(where, value) of each non-empty line of a JSONL file, `where` naming the file and line. A line that
-    is not JSON is an error naming them; with `torn_end`, a last line cut short by a crash (no line break
-    after it: a file llmkit appends to) is left out instead."""
-    lines = read_text(path).split("\n")  # not splitlines: JSON text may hold U+2028
-    values = []
-    for number, line in enumerate(lines, 1):
+    """(where, value) of each non-empty line of a JSONL file, `where` naming the file and line (jsonl_lines)."""
+    return list(jsonl_lines(path, torn_end))
+
+
+def jsonl_lines(path: Path, torn_end: bool = False) -> Iterator[tuple[str, object]]:
+    """(where, value) of each non-empty line of a JSONL file, read as they are asked for, `where` naming the
+    file and line. A line that is not JSON is an error naming them; with `torn_end`, a last line cut short by a
+    crash (no line break after it: a file llmkit appends to) is left out instead. Lines end at "\n" only (not
+    splitlines: JSON text may hold U+2028)."""
+    for number, line in text_lines(path):
         if not line.strip():
             continue
         try:
-            values.append((f"{path}:{number}", json.loads(line)))
+            value = json.loads(line)
         except ValueError:
-            if torn_end and number == len(lines):
-                break
+            if torn_end and not line.endswith("\n"):
+                return
             raise LlmkitError(f"{path}:{number}: not a JSON object") from None
-    return values
+        yield f"{path}:{number}", value
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -133,8 +133,9 @@ class TokenizerSettings:
     kind: Literal["char", "bpe"] = "char"  # what to train: one token per character, or byte-level BPE
     vocab_size: int = 6000  # upper bound; char-level keeps only characters seen min_frequency times
     min_frequency: int = 1  # rarer characters/merges are left out (they become <unk> / bytes)
+    train_documents: int = 100_000  # trained on the first N training documents (a sample of a big corpus); 0 = all
 
-    RANGES = {"vocab_size": Range(8, INT_MAX), "min_frequency": COUNT}  # 8: room for the special tokens
+    RANGES = {"vocab_size": Range(8, INT_MAX), "min_frequency": COUNT, "train_documents": COUNT_OR_ZERO}  # 8: room for the special tokens
 
     def check(self) -> None:
         check_ranges(self, "tokenizer")
@@ -151,9 +152,12 @@ class DataSettings:
     validation_source: str = field(default="", metadata=PATH)  # a separate validation set instead
     block_size: int = 256  # tokens per training sequence (texts are packed into blocks)
     max_documents: int = 0  # use only the first N documents (quick experiments); 0 = all
+    streaming: bool = False  # pretraining: read the corpus as training goes (datasets streaming: a corpus larger than memory or disk), tokenized and packed on the fly; needs train.max_steps, not train.epochs
+    validation_documents: int = 1000  # streaming without validation_source: the first N documents of the stream are held out for validation (and not trained on)
 
     # block_size 2: a causal LM needs one token to predict the next
-    RANGES = {"validation_fraction": FRACTION, "block_size": Range(2, INT_MAX), "max_documents": COUNT_OR_ZERO}
+    RANGES = {"validation_fraction": FRACTION, "block_size": Range(2, INT_MAX), "max_documents": COUNT_OR_ZERO,
+              "validation_documents": COUNT}
 
     def check(self) -> None:
         check_ranges(self, "data")
@@ -529,10 +533,26 @@ def check_pretraining(recipe: "Recipe") -> None:
     if recipe.data.block_size > recipe.model.max_positions and not recipe.model.path and not ngram:
         raise LlmkitError(f"data.block_size ({recipe.data.block_size}) is larger than the model's positions "
                           f"(model.max_positions = {recipe.model.max_positions})")
+    check_streaming(recipe)
     mlm_arch = recipe.model.arch == "bert"
     if not recipe.model.path and mlm_arch != (recipe.train.objective in ("mlm", "mlm+nsp")):
         raise LlmkitError(f'model.arch = "{recipe.model.arch}" does not fit train.objective = '
                           f'"{recipe.train.objective}" (bert is mlm or mlm+nsp; llama, gpt2 and ngram are causal)')
+
+
+def check_streaming(recipe: "Recipe") -> None:
+    """data.streaming reads a corpus of unknown length once, as training goes: what needs its length or
+    all of it at once is refused."""
+    if not recipe.data.streaming:
+        return
+    if recipe.train.epochs:
+        raise LlmkitError(f"data.streaming reads a corpus of unknown length: train.epochs ({recipe.train.epochs:g}) "
+                          f"cannot be counted; set train.max_steps (or train.max_minutes) and train.epochs = 0")
+    if recipe.model.arch == "ngram":
+        raise LlmkitError('model.arch = "ngram" counts the whole corpus at once: data.streaming does not apply')
+    if recipe.train.objective == "mlm+nsp":
+        raise LlmkitError('train.objective = "mlm+nsp" draws sentences from the whole corpus: data.streaming '
+                          'does not apply (use "mlm")')
 
 
 @dataclass

@@ -9,6 +9,7 @@ paragraphs. Labelled rows hold out a seeded random fraction.
 from __future__ import annotations
 
 import random
+from typing import Iterable, Sequence
 
 
 def count_chars(documents: list[str]) -> int:
@@ -18,13 +19,25 @@ def count_chars(documents: list[str]) -> int:
 
 def split_documents(documents: list[str], validation_fraction: float) -> tuple[list[str], list[str]]:
     """Train = the first (1 - fraction) of the characters; validation = the rest, whole documents."""
-    target = count_chars(documents) * (1 - validation_fraction)
-    seen = 0
-    for index, doc in enumerate(documents):
-        seen += len(doc) + 1
-        if seen >= target:
-            return documents[: index + 1], documents[index + 1:]
-    return documents, []
+    cut = held_out_start([[len(doc) + 1 for doc in documents]], count_chars(documents), validation_fraction)
+    return documents[:cut], documents[cut:]
+
+
+def held_out_start(lengths: Iterable[Sequence[int]], total: int, validation_fraction: float) -> int:
+    """Where validation starts: after the first document whose end reaches (1 - fraction) of the `total`
+    characters. `lengths`: each document's characters plus one (count_chars), in order, in batches (a corpus
+    too big for memory is counted a batch at a time)."""
+    import numpy as np
+
+    target = total * (1 - validation_fraction)
+    seen = start = 0
+    for batch in lengths:
+        ends = seen + np.cumsum(batch, dtype=np.int64)
+        reached = int(np.searchsorted(ends, target))  # the first end >= target
+        if reached < len(ends):
+            return start + reached + 1
+        seen, start = (int(ends[-1]) if len(ends) else seen), start + len(ends)
+    return start
 
 
 def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

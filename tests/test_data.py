@@ -3,10 +3,11 @@ corpora (llmkit/splits.py)."""
 
 import json
 import re
+from itertools import islice
 
 import pytest
 
-from llmkit.data import fingerprint, load_documents, load_rows, load_text_splits, pack_blocks
+from llmkit.data import document_dataset, fingerprint, load_rows, load_text_splits, pack_blocks, texts
 from llmkit.errors import LlmkitError
 from llmkit.settings import DataSettings, TokenizerSettings
 from llmkit.splits import count_chars, split_documents
@@ -16,7 +17,12 @@ DOCS = [f"第{i}篇 document {i}" + "。" * (i % 3) for i in range(20)]
 
 
 def load(source, **settings) -> list[str]:
-    return load_documents(str(source), DataSettings(source=str(source), **settings))
+    return list(texts(document_dataset(str(source), DataSettings(source=str(source), **settings))))
+
+
+def documents(splits) -> tuple[list[str], list[str]]:
+    """The texts of the training and validation splits."""
+    return list(texts(splits.train)), list(texts(splits.validation))
 
 
 def write(path, text: str):
@@ -48,33 +54,33 @@ def test_split_holds_out_the_tail_as_whole_documents(fraction):
 def test_split_of_the_builtin_corpus_is_deterministic():
     settings = DataSettings(max_documents=500)
     first, second = load_text_splits(settings), load_text_splits(settings)
-    assert first.fingerprint == second.fingerprint and first.validation == second.validation
-    assert first.fingerprint == fingerprint(first.train + first.validation)
+    assert first.fingerprint == second.fingerprint and documents(first) == documents(second)
+    assert first.fingerprint == fingerprint(sum(documents(first), []))
 
 
 def test_builtin_corpus_has_no_pos_tags_and_about_19k_documents(peoples_daily):
-    documents = peoples_daily.train + peoples_daily.validation
-    assert 18_000 < len(documents) < 21_000
-    assert not [doc for doc in documents if re.search(r"/[a-zA-Z]", doc)]
-    assert documents[0].startswith("迈向充满希望的新世纪")
+    every = sum(documents(peoples_daily), [])
+    assert 18_000 < len(every) < 21_000
+    assert not [doc for doc in every if re.search(r"/[a-zA-Z]", doc)]
+    assert every[0].startswith("迈向充满希望的新世纪")
 
 
 def test_builtin_validation_is_about_the_requested_fraction(peoples_daily):
-    total = count_chars(peoples_daily.train) + peoples_daily.validation_chars
+    total = count_chars(documents(peoples_daily)[0]) + peoples_daily.validation_chars
     assert 0.09 < peoples_daily.validation_chars / total <= 0.1
 
 
 def test_max_documents_keeps_the_first_documents(tmp_path):
     path = write(tmp_path / "c.txt", "\n".join(DOCS))
     splits = load_text_splits(DataSettings(source=str(path), max_documents=4, validation_fraction=0.3))
-    assert splits.train + splits.validation == DOCS[:4]
+    assert sum(documents(splits), []) == DOCS[:4]
 
 
 def test_validation_source_replaces_the_split(tmp_path):
     train = write(tmp_path / "train.txt", "\n".join(DOCS))
     validation = write(tmp_path / "val.txt", "held out one\nheld out two\n")
     splits = load_text_splits(DataSettings(source=str(train), validation_source=str(validation)))
-    assert splits.train == DOCS and splits.validation == ["held out one", "held out two"]
+    assert documents(splits) == (DOCS, ["held out one", "held out two"])
 
 
 def test_too_little_text_to_split_is_refused(tmp_path):
@@ -124,8 +130,8 @@ def test_parquet_reads_the_text_column_and_splits_as_the_same_jsonl(tmp_path):
         return load_text_splits(recipe.data)
 
     parquet, jsonl = splits("c.parquet"), splits("c.jsonl")
-    assert parquet.train + parquet.validation == DOCS[:9] + ["两\n行"]  # in order, the blank row dropped
-    assert (parquet.train, parquet.validation) == (jsonl.train, jsonl.validation) and jsonl.validation
+    assert sum(documents(parquet), []) == DOCS[:9] + ["两\n行"]  # in order, the blank row dropped
+    assert documents(parquet) == documents(jsonl) and documents(jsonl)[1]
     assert parquet.fingerprint == jsonl.fingerprint
 
 
@@ -304,3 +310,111 @@ def test_hub_dataset_keeps_the_columns_asked_for_or_all_when_none_are(tmp_path, 
 def test_misspelled_built_in_source_suggests_the_closest():
     with pytest.raises(LlmkitError, match=r"data source not found: peoples-daly \(did you mean 'peoples-daily'\?\)"):
         load("peoples-daly")
+
+
+# Arrow copies of files, and streaming (data.streaming)
+
+
+def stream(path, **settings):
+    return load_text_splits(DataSettings(source=str(path), streaming=True, **settings))
+
+
+def test_file_corpus_splits_and_packs_as_lists_of_its_lines_do(tokenizer, tmp_path):
+    """Read through Arrow, a file gives the documents, split, fingerprint and blocks of its lines as a list."""
+    lines = DOCS * 7
+    path = write(tmp_path / "c.txt", "\n".join(lines) + "\n")
+    splits = load_text_splits(DataSettings(source=str(path), validation_fraction=0.2))
+    train, validation = split_documents(lines, 0.2)
+    assert documents(splits) == (train, validation)
+    assert splits.fingerprint == fingerprint(lines) and splits.validation_chars == count_chars(validation)
+    from_arrow, n_tokens = pack_blocks(splits.train, tokenizer, 8, tmp_path / "arrow")
+    from_list, n_list_tokens = pack_blocks(train, tokenizer, 8, tmp_path / "list")
+    assert from_arrow["input_ids"] == from_list["input_ids"] and n_tokens == n_list_tokens
+
+
+def test_a_file_is_copied_into_arrow_once_and_again_when_it_changes(tmp_path):
+    path = write(tmp_path / "c.txt", "one\ntwo\n")
+    first = document_dataset(str(path), DataSettings(source=str(path)))
+    again = document_dataset(str(path), DataSettings(source=str(path)))
+    assert again.cache_files == first.cache_files and str(tmp_path.parent) in first.cache_files[0]["filename"]
+    write(path, "one\ntwo\nthree\n")
+    assert load(path) == ["one", "two", "three"]
+
+
+def test_streamed_splits_hold_out_the_first_documents(tmp_path):
+    path = write(tmp_path / "c.txt", "\n".join(DOCS) + "\n\n")
+    splits = stream(path, validation_documents=3)
+    assert splits.streamed and documents(splits) == (DOCS[3:], DOCS[:3])
+    assert list(texts(stream(path, validation_documents=3, max_documents=5).train)) == DOCS[3:5]
+    with pytest.raises(LlmkitError, match="too little text"):
+        stream(path, validation_documents=len(DOCS))
+
+
+def test_streamed_blocks_are_the_packed_blocks(tokenizer, tmp_path):
+    from llmkit.data import stream_blocks
+
+    lines = [doc for i in range(150) for doc in DOCS[i % 7:]]  # more than one packing batch of documents
+    path = write(tmp_path / "c.jsonl", "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in lines))
+    splits = stream(path, validation_documents=5)
+    streamed = [row["input_ids"] for row in stream_blocks(splits.train, tokenizer, 8)]
+    packed, _ = pack_blocks(lines[5:], tokenizer, 8)
+    assert len(lines) > 2000 and streamed == packed["input_ids"]
+
+
+def test_streaming_reads_no_further_than_it_is_asked(tmp_path):
+    """A broken last line stops the whole corpus from being read ahead, not a stream that never gets there."""
+    path = write(tmp_path / "c.jsonl", "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in DOCS)
+                 + "{broken\n")
+    with pytest.raises(LlmkitError, match=rf"c\.jsonl:{len(DOCS) + 1}: not a JSON object"):
+        load_text_splits(DataSettings(source=str(path)))
+    splits = stream(path, validation_documents=2)
+    assert [row["text"] for row in islice(splits.train, 5)] == DOCS[2:7]
+    with pytest.raises(LlmkitError, match=rf"c\.jsonl:{len(DOCS) + 1}: not a JSON object"):
+        list(texts(splits.train))  # read to the end, it is refused as a whole read is
+
+
+def test_streamed_fingerprint_follows_the_files_without_reading_them(tmp_path):
+    path = write(tmp_path / "c.txt", "\n".join(DOCS))
+    first = stream(path, validation_documents=2).fingerprint
+    assert stream(path, validation_documents=2).fingerprint == first
+    assert stream(path, validation_documents=3).fingerprint != first
+    write(path, "\n".join(DOCS[::-1]))
+    assert stream(path, validation_documents=2).fingerprint != first
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_corpus_reads_its_text_column_without_blank_rows(tmp_path, monkeypatch, streaming):
+    import datasets
+
+    hub = datasets.Dataset.from_list([{"body": doc, "id": i} for i, doc in enumerate(["甲", " ", *DOCS])])
+
+    def load_dataset(name, config, split, streaming):
+        assert (name, config, split) == ("someone/corpus", None, "train")
+        return hub.to_iterable_dataset() if streaming else hub
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    splits = load_text_splits(DataSettings(source="someone/corpus", text_column="body", streaming=streaming,
+                                           validation_documents=1))
+    train, validation = documents(splits)
+    assert train + validation == ["甲", *DOCS] if not streaming else (validation, train) == (["甲"], DOCS)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than this test's one core
+@pytest.mark.parametrize("hub", [False, True])
+def test_a_stream_read_by_dataloader_workers_holds_out_the_same_documents(tmp_path, monkeypatch, hub):
+    """train.dataloader_workers: a stream split among worker processes (datasets shards it by file) would skip
+    the held-out documents in each worker's share, training on some of them: a stream is one shard."""
+    import datasets
+    from torch.utils.data import DataLoader
+
+    for part in range(4):
+        write(tmp_path / f"{part}.txt", "\n".join(f"{part}: {doc}" for doc in DOCS))
+    every = [f"{part}: {doc}" for part in range(4) for doc in DOCS]
+    if hub:
+        files = datasets.Dataset.from_dict({"text": every}).to_iterable_dataset(num_shards=4)
+        monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming: files)
+        monkeypatch.chdir(tmp_path)
+    splits = stream("someone/corpus" if hub else tmp_path, validation_documents=5, max_documents=70)
+    read = [row["text"] for row in DataLoader(splits.train, num_workers=2, batch_size=None)]
+    assert list(texts(splits.validation)) == every[:5] and read == every[5:70]

@@ -231,3 +231,16 @@ def test_once_for_all_without_a_process_group_just_makes():
     from llmkit.distributed import once_for_all
 
     assert once_for_all(lambda: 42) == 42
+
+
+def test_a_streamed_corpus_under_torchrun_trains_what_one_process_does(runs):
+    """data.streaming: rank 0 reads the stream and hands each process its share of every global batch
+    (accelerate's dispatching), so 2 processes x 8 blocks end where one process on 16 blocks does."""
+    streamed = ["data.streaming=true", "data.validation_documents=50"]
+    pretrain([sys.executable], runs, "streamed-single", *streamed, "train.batch_size=16")
+    result = pretrain(torchrun(), runs, "streamed-ddp", *streamed)
+    assert problems(result.stderr) == [], result.stderr
+    assert "streamed training" in result.stderr
+    assert_same_weights(runs / "streamed-ddp", runs / "streamed-single")
+    first, last = weights(runs / "streamed-single" / "checkpoints" / "checkpoint-3"), weights(runs / "streamed-single")
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # it trained

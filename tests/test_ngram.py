@@ -148,13 +148,13 @@ def test_ngram_arch_refuses_a_model_path_and_resume(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_causal_pretraining_reports_the_ngram_baseline(tiny, tmp_path, capsys):
-    from llmkit.data import load_text_splits
+    from llmkit.data import load_text_splits, texts
 
     recipe = load_recipe("pretrain-zh-tiny", [*tiny, "model.ngram_order=3"])
     result = pretrain.run(recipe)
     final = json.loads((tmp_path / "runs" / "tiny" / "final_metrics.json").read_text())
     splits = load_text_splits(recipe.data)
-    expected = NgramModel.train(splits.train, 3).score(splits.validation)["loss_per_char"]
+    expected = NgramModel.train(list(texts(splits.train)), 3).score(list(texts(splits.validation)))["loss_per_char"]
     assert final["baseline_ngram_loss_per_char"] == pytest.approx(expected)
     assert final["baseline_ngram_order"] == 3
     assert result.metrics["baseline_ngram_loss_per_char"] == final["baseline_ngram_loss_per_char"]

@@ -80,13 +80,13 @@ def test_causal_run_saves_a_model_plain_transformers_loads_and_generates(tiny, t
 def test_loss_per_char_matches_a_direct_computation(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.data import load_text_splits
+    from llmkit.data import load_text_splits, texts
 
     result = run_tiny(tiny)
     run_dir = tmp_path / "runs" / "tiny"
     model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    validation = load_text_splits(load_recipe("pretrain-zh-tiny", tiny).data).validation
+    validation = list(texts(load_text_splits(load_recipe("pretrain-zh-tiny", tiny).data).validation))
     stream = [t for doc in validation for t in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]]
     blocks = torch.tensor(stream[: len(stream) // 32 * 32]).view(-1, 32)
     with torch.no_grad():
@@ -176,6 +176,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.block_size=128", "model.max_positions=64"], "data.block_size (128) is larger than the model's positions"),
+    (["data.streaming=true", "train.epochs=1", "train.max_minutes=0"], "data.streaming reads a corpus of unknown length"),
     (["tokenizer.vocab_size=20"], "tokenizer.vocab_size = 20 is too small"),
     (["data.source=missing.txt"], "data source not found: missing.txt"),
 ])
@@ -224,3 +225,41 @@ def test_continued_pretraining_starts_from_the_saved_model(tiny, tmp_path):
     second = AutoModelForCausalLM.from_pretrained(continued.run_dir).state_dict()
     assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
     assert (continued.run_dir / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+
+
+# data.streaming
+
+STREAMED = ["data.streaming=true", "data.validation_documents=100"]
+
+
+def test_streamed_run_trains_without_reading_the_corpus_to_its_end(tiny, tmp_path):
+    """The corpus ends in a line that is not JSON, which reading it whole refuses (test_data): a streamed run of
+    6 steps never gets there. It learns, and records that its training data was streamed."""
+    from llmkit.corpora import peoples_daily
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": row["text"]}, ensure_ascii=False) + "\n" for row in peoples_daily()[:5000])
+                      + "{not json\n", encoding="utf-8")
+    initial = InitialWeights()
+    run_tiny(tiny, *STREAMED, f"data.source={corpus}", "data.max_documents=0", "tokenizer.train_documents=300",
+             callbacks=[initial])
+    run_dir = tmp_path / "runs" / "tiny"
+    assert_trained(run_dir, initial.weights)
+    assert "streamed training" in (run_dir / "README.md").read_text(encoding="utf-8")
+    assert "baseline_ngram_loss_per_char" not in json.loads((run_dir / "final_metrics.json").read_text())
+
+
+def test_streamed_resume_after_interrupt_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    """Resuming a stream skips the batches already trained on: the same model as one run through."""
+    from transformers import AutoModelForCausalLM
+
+    steps = [*STREAMED, "train.max_steps=8", "train.save_every=4", "train.eval_every=4"]
+    whole = run_tiny([*tiny, "run.name=whole"], *steps)
+    with interrupted_at(monkeypatch, 5):
+        run_tiny([*tiny, "run.name=parts"], *steps)
+    resumed = run_tiny([*tiny, "run.name=parts"], *steps, resume=True)
+
+    assert resumed.metrics["eval_loss"] == pytest.approx(whole.metrics["eval_loss"], rel=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "whole").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "parts").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -1,6 +1,6 @@
 import pytest
 
-from llmkit.data import load_text_splits
+from llmkit.data import load_text_splits, texts
 from llmkit.errors import LlmkitError
 from llmkit.settings import DataSettings, TokenizerSettings
 from llmkit.tokenizer import load_tokenizer, train_tokenizer
@@ -10,7 +10,7 @@ TEXT = "昨天天气很好，我们去了公园。"
 
 @pytest.fixture(scope="module")
 def documents() -> list[str]:
-    return load_text_splits(DataSettings(max_documents=300)).train
+    return list(texts(load_text_splits(DataSettings(max_documents=300)).train))
 
 
 @pytest.fixture(scope="module")
