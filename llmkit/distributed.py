@@ -86,6 +86,11 @@ def join_deepspeed_on_cpu(args) -> None:
         comm.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
+def full_size(parameter) -> int:
+    """A parameter's element count, whole even where DeepSpeed ZeRO-3 left this process a slice of it."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def whole_copy(model):
     """A copy of `model` that this process can run alone, such as the time budget's probe (which, as under
     FSDP, holds the whole model): when DeepSpeed ZeRO-3 partitioned its parameters as it was built (each

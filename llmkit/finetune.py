@@ -212,8 +212,10 @@ def data_fingerprint(*parts) -> str:
 
 
 def describe_setup(console, model, settings, data, train_features, precision) -> None:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from llmkit.distributed import full_size
+
+    total = sum(full_size(p) for p in model.parameters())
+    trainable = sum(full_size(p) for p in model.parameters() if p.requires_grad)
     labels = f", {len(data.labels)} labels" if data.labels else ""
     console.print(f"{settings.task} by {settings.method}: {model.config.model_type}, {total / 1e6:.2f}M parameters "
                   f"({trainable / total:.1%} trained); data: {len(train_features):,} training / "

@@ -140,7 +140,9 @@ def train(recipe: Recipe, folder, resume: bool, callbacks: list | None):
 def describe_setup(console, model, tokenizer, train_blocks, eval_blocks, args, precision) -> None:
     from datasets import IterableDataset
 
-    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: each a slice
+    from llmkit.distributed import full_size
+
+    parameters = sum(full_size(p) for p in model.parameters())
     unit = "sentence pairs" if "next_sentence_label" in train_blocks.column_names else "blocks"
     training = "streamed" if isinstance(train_blocks, IterableDataset) else f"{len(train_blocks):,}"
     console.print(f"model: {model.config.model_type}, {parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer):,}; "

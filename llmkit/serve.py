@@ -51,6 +51,10 @@ def run(recipe: Recipe, *, host: str = "127.0.0.1", port: int = 8000, api_key: s
     if limits.batching == "continuous":
         check_continuous(model)
         batcher = ContinuousBatcher(model, tokenizer, **sizes, defaults=settings, positions=served.positions)
+        if batcher.defaults.repetition_penalty != 1.0:  # else most requests would be batched dynamically, unsaid
+            console.print(f"continuous batching cannot apply a repetition penalty: requests that keep the default "
+                          f"({batcher.defaults.repetition_penalty:g}) are batched dynamically; "
+                          "--set generate.repetition_penalty=1.0 batches them continuously", markup=False)
     else:
         batcher = Batcher(model, tokenizer, **sizes)
     app = build_app(batcher, served, limits, api_key)

@@ -244,3 +244,11 @@ def test_a_streamed_corpus_under_torchrun_trains_what_one_process_does(runs):
     assert_same_weights(runs / "streamed-ddp", runs / "streamed-single")
     first, last = weights(runs / "streamed-single" / "checkpoints" / "checkpoint-3"), weights(runs / "streamed-single")
     assert any(not torch.equal(first[k], last[k]) for k in first)  # it trained
+
+
+def test_full_size_counts_a_parameter_whole_where_zero3_left_a_slice():
+    from llmkit.distributed import full_size
+
+    sliced = torch.nn.Parameter(torch.empty(0))
+    sliced.ds_numel = 12  # as DeepSpeed ZeRO-3 marks what it partitioned
+    assert full_size(sliced) == 12 and full_size(torch.nn.Parameter(torch.ones(3, 4))) == 12

@@ -300,6 +300,15 @@ def test_continuous_batching_lets_requests_join_a_running_one(model_dir, local):
         assert server.health()["batches"] == 0  # no request went through the dynamic queue
 
 
+def test_continuous_batching_says_at_start_that_the_default_repetition_penalty_sends_requests_to_the_dynamic_queue(
+        model_dir):
+    note = ("continuous batching cannot apply a repetition penalty: requests that keep the default (1.1) are batched "
+            "dynamically; --set generate.repetition_penalty=1.0 batches them continuously")
+    with serving(model_dir, "--batching", "continuous", "--max-batch", "2", notes=(note,)) as server:
+        assert server.client().completions.create(model="model", prompt="今天", max_tokens=2).usage.completion_tokens == 2
+        assert server.health()["batches"] == 1 and server.health()["continuous_requests"] == 0
+
+
 def test_continuous_batching_refuses_a_model_it_cannot_run(local):
     from llmkit.errors import LlmkitError
     from llmkit.serve import check_continuous
