@@ -86,6 +86,17 @@ def join_deepspeed_on_cpu(args) -> None:
         comm.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
+def leave() -> None:
+    """This process's part in a launch is done: it waits for the others, then ends the process group. Left to
+    the interpreter's exit, gloo's threads can abort a process ("terminate called without an active
+    exception", exit -6) after its work is saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def full_size(parameter) -> int:
     """A parameter's element count, whole even where DeepSpeed ZeRO-3 left this process a slice of it."""
     return getattr(parameter, "ds_numel", parameter.numel())

@@ -20,7 +20,7 @@ from llmkit import rundir
 from llmkit.callbacks import Progress, SealCheckpoints, ShowSamples, StopOnInterrupt
 from llmkit.console import console
 from llmkit.devices import has_accelerator, training_precision
-from llmkit.distributed import is_sharded, join_deepspeed_on_cpu, shard_on_cpu
+from llmkit.distributed import is_sharded, join_deepspeed_on_cpu, leave, shard_on_cpu
 from llmkit.errors import Interrupted, LlmkitError, did_you_mean
 from llmkit.recipe import load_recipe, recipe_to_dict, recipe_to_toml
 from llmkit.settings import DistributedSettings, Recipe, TrainSettings
@@ -310,6 +310,7 @@ def run_folder(recipe: Recipe, overwrite: bool, resume: bool, force: bool) -> It
         if resume:
             check_resume_recipe(recipe, run_dir, force)
         yield folder
+    leave()  # once the run is in place: every process of a launch ends here, together
 
 
 def start_run(folder: rundir.RunFolder, recipe: Recipe, args, resume: bool, data_fingerprint: str,

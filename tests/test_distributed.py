@@ -198,7 +198,7 @@ def train_on_rank_0_only(rank: int, port: int, results, fail: bool) -> None:
     """One of two processes calling once_for_all (torch.multiprocessing.spawn runs it)."""
     import torch.distributed as dist
 
-    from llmkit.distributed import once_for_all
+    from llmkit.distributed import leave, once_for_all
     from llmkit.errors import LlmkitError
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -212,7 +212,8 @@ def train_on_rank_0_only(rank: int, port: int, results, fail: bool) -> None:
         results[rank] = once_for_all(make)
     except LlmkitError as error:
         results[rank] = f"error: {error}"
-    dist.destroy_process_group()
+    leave()  # as every command ends: together, the process group ended
+    results[f"{rank} left"] = not dist.is_initialized()
 
 
 @pytest.mark.parametrize("fail", [False, True])
@@ -224,7 +225,7 @@ def test_once_for_all_makes_on_rank_0_and_every_rank_gets_its_result_or_its_erro
         mp.spawn(train_on_rank_0_only, args=(free_port(), results, fail), nprocs=2)
         got = dict(results)
     expected = "error: tokenizer.vocab_size = 3 is too small" if fail else {"made by": 0}
-    assert got == {0: expected, 1: expected}
+    assert got == {0: expected, 1: expected, "0 left": True, "1 left": True}
 
 
 def test_once_for_all_without_a_process_group_just_makes():
