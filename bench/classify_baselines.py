@@ -111,8 +111,8 @@ def score_model(path: str, rows: list[dict], batch_size: int) -> dict:
             **confidence_intervals(metrics["confusion_matrix"]), "train_seconds": runtimes[-1] if runtimes else None, "eval_seconds": round(time.perf_counter() - start, 2)}
 
 
-def positive_probabilities(path: str, texts: list[str], batch_size: int):
-    """The model's probability of the last of its labels (sorted: "positive"), per text."""
+def positive_probabilities(path: str, parts: list[list[dict]], batch_size: int) -> list:
+    """For each part (rows), the model's probability of the last of its labels (sorted: "positive") per row."""
     import numpy
     import torch
 
@@ -121,8 +121,9 @@ def positive_probabilities(path: str, texts: list[str], batch_size: int):
 
     model, tokenizer = load_model(path, head="sequence-classification")
     positive = max(range(len(model.config.id2label)), key=lambda i: str(model.config.id2label[i]))
-    return numpy.concatenate([torch.softmax(predict(model, tokenizer, batch)[0].logits.float(), -1)[:, positive].numpy()
-                              for batch in batches(texts, batch_size)])
+    return [numpy.concatenate([torch.softmax(predict(model, tokenizer, [row["text"] for row in batch])[0].logits.float(),
+                                             -1)[:, positive].numpy() for batch in batches(rows, batch_size)])
+            for rows in parts]
 
 
 def ensemble(path: str, train: list[dict], test: list[dict], nb_svm, batch_size: int) -> dict:
@@ -137,19 +138,13 @@ def ensemble(path: str, train: list[dict], test: list[dict], nb_svm, batch_size:
     fit_rows, check_rows = hold_out(train, recipe.finetune.validation_fraction, recipe.run.seed)
     start = time.perf_counter()
     nb_svm.fit([row["text"] for row in fit_rows], [row["label"] for row in fit_rows])
-    positive = sorted({row["label"] for row in train})[-1]
-    weights = numpy.linspace(0, 1, 21)  # of the model
-
-    def mixed(rows: list[dict]):
-        texts = [row["text"] for row in rows]
-        model, classic = positive_probabilities(path, texts, batch_size), nb_svm.predict_proba(texts)[:, 1]
-        truth = numpy.array([row["label"] == positive for row in rows])
-        return [float((((w * model + (1 - w) * classic) > 0.5) == truth).mean()) for w in weights], model, classic
-
-    checked, _, _ = mixed(check_rows)
-    weight = float(weights[int(numpy.argmax(checked))])
-    _, model, classic = mixed(test)
     names = sorted({row["label"] for row in train})
+    weights = numpy.linspace(0, 1, 21)  # of the model
+    model_check, model = positive_probabilities(path, [check_rows, test], batch_size)
+    classic_check, classic = (nb_svm.predict_proba([row["text"] for row in rows])[:, 1] for rows in (check_rows, test))
+    truth = numpy.array([row["label"] == names[-1] for row in check_rows])
+    checked = [float((((w * model_check + (1 - w) * classic_check) > 0.5) == truth).mean()) for w in weights]
+    weight = float(weights[int(numpy.argmax(checked))])
     predictions = [names[-1] if p > 0.5 else names[0] for p in weight * model + (1 - weight) * classic]
     metrics = classification_metrics(predictions, [row["label"] for row in test], labels=names)
     return {"method": f"{Path(path).name} + nb-svm (weight {weight:.2f} on validation)", "model": path,
