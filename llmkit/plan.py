@@ -89,7 +89,7 @@ def run(recipe: Recipe, command: str, processes: int | None = None, measure_step
                                     budget.steps_within(recipe.train.max_minutes, seconds, recipe.train.max_steps))
         steps = plan["tokens"]["steps"]
         plan["time"] = {"measured_steps": measure_steps, "warmup_steps": budget.WARMUP_STEPS, "device": pick_device(),
-                        "seconds_per_step": round(seconds, 4),
+                        "seconds_per_step": float(f"{seconds:.6g}"),  # in significant digits: a fast step takes ~0.004 s
                         "estimated_seconds": None if steps is None else round(seconds * steps, 1),
                         "measured_peak_bytes": peak}
     return plan
@@ -347,7 +347,7 @@ def show(plan: dict, console) -> None:
     table.add_row("tokens in all", "-" if tokens_row["in_all"] is None else f"{tokens_row['in_all']:,}", "")
     timing = plan.get("time")
     if timing:
-        table.add_row("seconds per step", f"{timing['seconds_per_step']:.3f}",
+        table.add_row("seconds per step", f"{timing['seconds_per_step']:.3g}",
                       f"measured here: {timing['measured_steps']} steps after {timing['warmup_steps']} warm-up, "
                       f"{timing['device']}, {plan['precision']['name']}, one process, random tokens (the Trainer "
                       f"adds a few percent)")
